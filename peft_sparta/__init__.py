@@ -1,0 +1,27 @@
+"""peft-sparta: SpaRTA continual-learning adapters as a Hugging Face PEFT plugin.
+
+Importing this package registers the "SPARTA" PEFT type, after which `get_peft_model`, `PeftModel.from_pretrained`,
+`PeftConfig.from_pretrained` and `AutoPeftModel*` work with SpaRTA adapters. A process that loads a SpaRTA adapter
+must `import peft_sparta` first: PEFT has no plugin discovery and otherwise fails with `KeyError: 'SPARTA'`.
+"""
+
+from __future__ import annotations
+
+from .config import SpaRTAConfig
+from .layer import Linear, SpaRTALayer
+from .model import SpaRTAModel
+from .registration import PEFT_TYPE_SPARTA, register_sparta
+
+
+__version__ = "0.1.0.dev0"
+
+register_sparta(SpaRTAConfig, SpaRTAModel)
+
+__all__ = [
+    "PEFT_TYPE_SPARTA",
+    "Linear",
+    "SpaRTAConfig",
+    "SpaRTALayer",
+    "SpaRTAModel",
+    "__version__",
+]

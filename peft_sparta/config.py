@@ -1,0 +1,236 @@
+"""Configuration of SpaRTA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import PEFT_TYPE_SPARTA
+
+
+#: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code.
+FORMAT_VERSION = 1
+
+ROUTERS = ("prototype", "learned", "spectral")
+GRANULARITIES = ("auto", "token", "sequence")
+INIT_WEIGHTS = (True, False, "spectral")
+ORTH_NORMS = ("fro", "l1")
+SHARED_UPDATES = ("train", "freeze_after_first")
+KERNEL_BACKENDS = (None, "eager", "torch", "triton")
+BIASES = ("none", "all", "sparta_only")
+
+
+@dataclass
+class SpaRTAConfig(PeftConfig):
+    """
+    This is the configuration class to store the configuration of a [`SpaRTAModel`].
+
+    SpaRTA ("Spectral Disentanglement: Rank-Aware Task Adaptation for Rehearsal-free Continual Learning in LLMs",
+    ACL 2026) splits the update of every adapted weight into a low-rank branch shared by all tasks and one high-rank
+    branch per task, kept in mutually orthogonal subspaces, and weighs the task branches with a router so that no task
+    id is needed at inference.
+
+    Args:
+        r_shared (`int`, *optional*, defaults to `8`):
+            Rank of the shared branch. 0 disables the shared branch.
+        r_task (`int`, *optional*, defaults to `32`):
+            Rank of each task branch.
+        alpha_shared (`float`, *optional*, defaults to `16`):
+            Scaling numerator of the shared branch: scale = alpha_shared / r_shared (or / sqrt(r_shared) with rsLoRA).
+        alpha_task (`float`, *optional*, defaults to `64`):
+            Scaling numerator of the task branches: scale = alpha_task / r_task (or / sqrt(r_task) with rsLoRA).
+        use_rslora (`bool`, *optional*, defaults to `False`):
+            Use rank-stabilised scaling alpha / sqrt(r).
+        dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout probability on the adapter input.
+        target_modules (`Union[list[str], str]`, *optional*):
+            Names or regex of the modules to adapt, as in LoRA. `nn.Linear` and transformers `Conv1D` are supported.
+        exclude_modules (`Union[list[str], str]`, *optional*):
+            Names or regex of the modules not to adapt.
+        layers_to_transform (`Union[list[int], int]`, *optional*):
+            Layer indices to adapt, as in LoRA.
+        layers_pattern (`Union[list[str], str]`, *optional*):
+            Name of the layer list used with `layers_to_transform`.
+        init_weights (`bool | "spectral"`, *optional*, defaults to `True`):
+            True: B zero and A Kaiming as in LoRA, so a fresh branch changes nothing. "spectral": B zero and A taken
+            from consecutive slices of the right singular vectors of the base weight, so all branches start exactly
+            orthogonal. False: random non-zero B (for tests only).
+        router (`str`, *optional*, defaults to `"prototype"`):
+            "prototype": parameter-free nearest-prototype router built from each task's inputs. "learned": one
+            trainable key per task trained with the router loss. "spectral": training-free, routes by the projection
+            of the input on each task branch's top right singular vectors.
+        router_granularity (`str`, *optional*, defaults to `"auto"`):
+            "token": every layer routes every token from its own input. "sequence": one query per input from the
+            masked mean of the input embeddings, shared by all layers. "auto": sequence when the base model has input
+            embeddings and the router is not spectral, token otherwise.
+        router_dim (`int`, *optional*):
+            If set, queries go through a frozen random projection to this size before routing.
+        router_temperature (`float`, *optional*, defaults to `0.02`):
+            Softmax temperature over the tasks' best cosine similarities.
+        router_prototypes (`int`, *optional*, defaults to `4`):
+            Prototypes per task (online k-means centroids of the task's queries; singular vectors for "spectral").
+        top_k (`int`, *optional*):
+            Compute only the k best task branches per input at inference; None mixes all tasks.
+        orth_lambda (`float`, *optional*, defaults to `0.5`):
+            Weight of the orthogonality loss between the current task branch, the shared branch and old branches.
+        orth_norm (`str`, *optional*, defaults to `"fro"`):
+            "fro": squared Frobenius norm of A_i A_j^T; "l1": element-wise absolute sum (O-LoRA's form).
+        router_lambda (`float`, *optional*, defaults to `0.1`):
+            Weight of the router loss (learned router only).
+        kernel_backend (`str`, *optional*):
+            "eager", "torch" or "triton" forces an implementation of the adapter computation (for debugging); None
+            uses the env var SPARTA_KERNEL_BACKEND if set, else Triton on CUDA when installed, else the fused torch path.
+        shared_update (`str`, *optional*, defaults to `"train"`):
+            "train": the shared branch trains on every task; "freeze_after_first": it is frozen by the first
+            `add_task`.
+        task_names (`list[str]`, *optional*):
+            Names of the tasks, in order; the last one is the task being trained. Defaults to `["task_0"]`.
+            Maintained by `add_task` and saved with the adapter.
+        modules_to_save (`list[str]`, *optional*):
+            Modules apart from the adapter layers to train and save.
+        bias (`str`, *optional*, defaults to `"none"`):
+            "none", "all" or "sparta_only": which biases are trained.
+        format_version (`int`):
+            Version of the saved adapter format, written automatically.
+    """
+
+    r_shared: int = field(default=8, metadata={"help": "Rank of the shared branch; 0 disables it."})
+    r_task: int = field(default=32, metadata={"help": "Rank of each task branch."})
+    alpha_shared: float = field(default=16, metadata={"help": "Scaling numerator of the shared branch."})
+    alpha_task: float = field(default=64, metadata={"help": "Scaling numerator of the task branches."})
+    use_rslora: bool = field(default=False, metadata={"help": "Use rank-stabilised scaling alpha / sqrt(r)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or regex of the modules to adapt (nn.Linear, transformers Conv1D)."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or regex of the modules not to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt, as in LoRA."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with `layers_to_transform`."}
+    )
+    init_weights: Union[bool, Literal["spectral"]] = field(
+        default=True,
+        metadata={
+            "help": "True: B zero, A Kaiming (a fresh branch is a no-op). 'spectral': B zero, A from the base "
+            "weight's singular vectors, branches exactly orthogonal. False: random non-zero B (tests only)."
+        },
+    )
+    router: str = field(default="prototype", metadata={"help": "Router: 'prototype', 'learned' or 'spectral'."})
+    router_granularity: str = field(
+        default="auto", metadata={"help": "Routing granularity: 'auto', 'token' or 'sequence'."}
+    )
+    router_dim: Optional[int] = field(
+        default=None, metadata={"help": "Size of a frozen random projection of the queries; None keeps them."}
+    )
+    router_temperature: float = field(default=0.02, metadata={"help": "Softmax temperature of the router."})
+    router_prototypes: int = field(default=4, metadata={"help": "Prototypes per task (online k-means centroids)."})
+    top_k: Optional[int] = field(
+        default=None, metadata={"help": "Compute only the k best task branches at inference; None mixes all."}
+    )
+    orth_lambda: float = field(default=0.5, metadata={"help": "Weight of the orthogonality loss."})
+    orth_norm: str = field(default="fro", metadata={"help": "Orthogonality norm: 'fro' or 'l1'."})
+    router_lambda: float = field(default=0.1, metadata={"help": "Weight of the router loss (learned router)."})
+    kernel_backend: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Adapter computation: 'eager' (per-branch reference), 'torch' (fused Function), 'triton' (fused, "
+            "CUDA); None picks the env var SPARTA_KERNEL_BACKEND, else triton on CUDA when installed, else torch."
+        },
+    )
+    shared_update: str = field(
+        default="train", metadata={"help": "Shared branch across tasks: 'train' or 'freeze_after_first'."}
+    )
+    task_names: Optional[list[str]] = field(
+        default=None, metadata={"help": "Task names in order; the last is being trained. Saved with the adapter."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules apart from the adapter layers to train and save."}
+    )
+    bias: str = field(default="none", metadata={"help": "Trained biases: 'none', 'all' or 'sparta_only'."})
+    format_version: int = field(
+        default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format, written automatically."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE_SPARTA
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        self.task_names = list(self.task_names) if self.task_names is not None else ["task_0"]
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_int("r_shared", self.r_shared, minimum=0)
+        _check_int("r_task", self.r_task, minimum=1)
+        _check_positive("alpha_shared", self.alpha_shared)
+        _check_positive("alpha_task", self.alpha_task)
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}.")
+        _check_choice("init_weights", self.init_weights, INIT_WEIGHTS)
+        _check_choice("router", self.router, ROUTERS)
+        _check_choice("router_granularity", self.router_granularity, GRANULARITIES)
+        if self.router == "spectral" and self.router_granularity == "sequence":
+            raise ValueError(
+                "router_granularity='sequence' cannot be used with router='spectral': the spectral router scores each "
+                "layer's own input against its branch's singular vectors. Use router_granularity 'token' or 'auto'."
+            )
+        if self.router_dim is not None:
+            _check_int("router_dim", self.router_dim, minimum=1)
+        _check_positive("router_temperature", self.router_temperature)
+        _check_int("router_prototypes", self.router_prototypes, minimum=1)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, minimum=1)
+        _check_non_negative("orth_lambda", self.orth_lambda)
+        _check_choice("orth_norm", self.orth_norm, ORTH_NORMS)
+        _check_non_negative("router_lambda", self.router_lambda)
+        _check_choice("shared_update", self.shared_update, SHARED_UPDATES)
+        _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _check_choice("bias", self.bias, BIASES)
+        self._validate_task_names()
+        _check_int("format_version", self.format_version, minimum=1)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This adapter was saved in SpaRTA format version {self.format_version}, but the installed "
+                f"peft-sparta-cl reads versions up to {FORMAT_VERSION}. Upgrade peft-sparta-cl to load it."
+            )
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform; set both or neither.")
+
+    def _validate_task_names(self) -> None:
+        names = self.task_names
+        if not names or not all(isinstance(name, str) and name for name in names):
+            raise ValueError(f"task_names must be a non-empty list of non-empty strings, got {names!r}.")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task_names must be unique, got {names!r}.")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+
+
+def _check_non_negative(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    def matches(choice) -> bool:
+        # bools compare by identity so that 1 is not taken for True
+        return value is choice if isinstance(choice, bool) or isinstance(value, bool) else value == choice
+
+    if not any(matches(choice) for choice in allowed):
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")

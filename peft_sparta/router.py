@@ -1,0 +1,114 @@
+"""Routing functions of SpaRTA: scores of each task for each query, gates, and the router state updates.
+
+Queries and prototypes are compared by cosine similarity; a task's score is its best similarity over its
+prototypes, and the gates are a softmax over tasks of score / temperature, optionally restricted to the top k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+#: Score of a task that has no prototype yet: below any cosine similarity, so it never wins against a real task.
+EMPTY_TASK_SCORE = -2.0
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward information computed once by the model and read by every SpaRTA layer.
+
+    sequence_query: (batch, dim) masked mean of the input embeddings, for sequence routing.
+    token_mask: (batch, seq) bool, positions whose queries build the router state in training (the prompt part).
+    """
+
+    sequence_query: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.sequence_query = None
+        self.token_mask = None
+
+
+def prototype_scores(queries: torch.Tensor, prototypes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Best cosine similarity of each query to each task's prototypes.
+
+    queries (..., d) unit norm; prototypes (tasks, P, d); counts (tasks, P), 0 for a prototype not yet seen.
+    Returns (..., tasks).
+    """
+    centroids = F.normalize(prototypes.float(), dim=-1)
+    similarity = torch.einsum("...d,tpd->...tp", queries.float(), centroids)
+    similarity = similarity.masked_fill(counts == 0, EMPTY_TASK_SCORE)
+    return similarity.amax(dim=-1)
+
+
+def key_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each query (..., d) to each task key (tasks, d). Returns (..., tasks)."""
+    return queries.float() @ F.normalize(keys.float(), dim=-1).T
+
+
+def spectral_scores(queries: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Best |cosine| of each query (..., d) to each task's singular directions (tasks, P, d). Returns (..., tasks)."""
+    return torch.einsum("...d,tpd->...tp", queries.float(), directions.float()).abs().amax(dim=-1)
+
+
+def spectral_directions(a: torch.Tensor, b: torch.Tensor, count: int) -> torch.Tensor:
+    """Top ``count`` right singular vectors of ``b @ a`` (count, in), through the small (r x in) factor.
+
+    With b = Q R (thin QR), b a = Q (R a) and Q has orthonormal columns, so the right singular vectors of b a are
+    those of R a. Missing directions (count > r) are zero rows, which never win a max of |cosine|.
+    """
+    _, r_factor = torch.linalg.qr(b.float())
+    _, _, vh = torch.linalg.svd(r_factor @ a.float(), full_matrices=False)
+    directions = vh[:count]
+    if directions.shape[0] < count:
+        directions = F.pad(directions, (0, 0, 0, count - directions.shape[0]))
+    return directions
+
+
+def gates_from_scores(scores: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Softmax over tasks of scores / temperature; with top_k, zero outside the k best tasks and renormalise."""
+    if top_k is not None and top_k < scores.shape[-1]:
+        threshold = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    return torch.softmax(scores / temperature, dim=-1)
+
+
+@torch.no_grad()
+def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor) -> None:
+    """One step of online (mini-batch) k-means of unit queries (N, d) into prototypes (P, d), in place.
+
+    Empty prototypes are seeded with the first queries; every query then moves its nearest prototype towards it with
+    step 1 / count, so each prototype is the exact mean of the queries assigned to it.
+    """
+    if queries.shape[0] == 0:
+        return
+    queries = queries.to(prototypes.dtype)
+    empty = (counts == 0).nonzero().flatten()
+    if len(empty) > 0:
+        seeds = queries[: len(empty)]
+        prototypes[empty[: len(seeds)]] = seeds
+        counts[empty[: len(seeds)]] = 1
+        queries = queries[len(seeds) :]
+        if queries.shape[0] == 0:
+            return
+    nearest = (queries.float() @ F.normalize(prototypes.float(), dim=-1).T).argmax(dim=-1)
+    added = torch.bincount(nearest, minlength=prototypes.shape[0])
+    sums = torch.zeros_like(prototypes, dtype=torch.float32).index_add_(0, nearest, queries.float())
+    new_counts = counts + added
+    updated = (prototypes.float() * counts.unsqueeze(-1) + sums) / new_counts.clamp(min=1).unsqueeze(-1)
+    prototypes.copy_(updated.to(prototypes.dtype))
+    counts.copy_(new_counts)
+
+
+def router_loss(queries: torch.Tensor, keys: torch.Tensor, task: int, temperature: float) -> torch.Tensor:
+    """Loss of the learned router on queries (N, d) of task ``task``.
+
+    Cross-entropy of the key scores to the current task (as SAPT and MoCL train their keys) plus 1 - cosine to the
+    task's own key, which keeps pulling the key to its task's inputs while it is the only task.
+    """
+    scores = key_scores(queries, keys)
+    target = torch.full((queries.shape[0],), task, dtype=torch.long, device=queries.device)
+    return F.cross_entropy(scores / temperature, target) + (1.0 - scores[:, task]).mean()
