@@ -68,6 +68,7 @@ class SpaRTAModel(BaseTuner):
             return
         new_module = self._create_new_module(config, adapter_name, target, granularity=granularity, query_dim=query_dim)
         new_module.routing_context = self.routing_context
+        new_module.train(target.training)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

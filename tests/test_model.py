@@ -1,0 +1,250 @@
+"""Behaviour of SpaRTA models: no-op at init, trainable parameters, continual API, routing, merging, adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_sparta import SpaRTAConfig, SpaRTALayer
+from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def sparta(base, **kwargs):
+    kwargs.setdefault("target_modules", LLAMA_TARGETS)
+    kwargs.setdefault("r_shared", 2)
+    kwargs.setdefault("r_task", 4)
+    return get_peft_model(base, SpaRTAConfig(**kwargs))
+
+
+def logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def train_steps(model, input_ids, steps=3, lr=1e-2, labels=None):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids if labels is None else labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def sparta_layers(model):
+    return [m for m in model.modules() if isinstance(m, SpaRTALayer)]
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("init_weights", [True, "spectral"])
+@pytest.mark.parametrize("router", ["prototype", "learned", "spectral"])
+def test_output_equals_base_at_init(input_ids, init_weights, router):
+    expected = logits(tiny_llama(), input_ids)
+    model = sparta(tiny_llama(), init_weights=init_weights, router=router, task_names=["a", "b", "c"])
+    assert torch.equal(logits(model, input_ids), expected)
+
+
+def test_init_weights_false_changes_output(input_ids):
+    expected = logits(tiny_llama(), input_ids)
+    assert not torch.allclose(logits(sparta(tiny_llama(), init_weights=False), input_ids), expected)
+
+
+@pytest.mark.parametrize(
+    ("factory", "targets"),
+    [(tiny_gpt2, ["c_attn", "c_fc"]), (tiny_bert, ["query", "value", "intermediate.dense"])],
+)
+def test_other_architectures_are_no_op_at_init_and_train(factory, targets, input_ids):
+    base = factory()
+    with torch.no_grad():
+        expected = base(input_ids=input_ids)[0]
+    model = get_peft_model(factory(), SpaRTAConfig(target_modules=targets, r_shared=2, r_task=4))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids)[0], expected)
+    model.train()
+    model(input_ids=input_ids)[0].pow(2).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_unsupported_layer_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="only `torch.nn.Linear` and"):
+        sparta(tiny_llama(), target_modules=["embed_tokens"])
+
+
+def test_gradients_only_on_trainable_parameters(input_ids):
+    model = sparta(tiny_llama(), task_names=["a", "b"])
+    model.train()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert "sparta_" in name and param.grad is not None, name
+            assert "task.default.0" not in name, f"frozen task branch is trainable: {name}"
+        else:
+            assert param.grad is None, name
+
+
+@pytest.mark.parametrize("shared_update", ["train", "freeze_after_first"])
+def test_add_task_freezes_previous_task_under_optimizer_step(input_ids, shared_update):
+    model = sparta(tiny_llama(), shared_update=shared_update)
+    train_steps(model, input_ids)
+    model.add_task("second")
+    assert model.task_names == ["task_0", "second"]
+    before = snapshot(model)
+    train_steps(model, input_ids)
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert all("sparta_" in n for n in changed)
+    assert not any("task.default.0" in n for n in changed)
+    assert any("task.default.1" in n for n in changed)
+    shared_changed = any("_shared." in n for n in changed)
+    assert shared_changed == (shared_update == "train")
+    for layer in sparta_layers(model):
+        assert layer.sparta_prototype_counts["default"].shape[0] == 2
+
+
+def test_task_name_errors(input_ids):
+    model = sparta(tiny_llama())
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_task("task_0")
+    with pytest.raises(ValueError, match="non-empty string"):
+        model.add_task("")
+    with pytest.raises(ValueError, match="Unknown task 'nope'"):
+        model.set_task("nope")
+
+
+def test_forced_routing_uses_only_that_branch(input_ids):
+    model = sparta(tiny_llama(), init_weights=False, task_names=["a", "b"])
+    model.set_task("a")
+    forced_a = logits(model, input_ids)
+    for layer in sparta_layers(model):
+        torch.nn.init.zeros_(layer.sparta_B_task["default"][1])
+    assert torch.equal(logits(model, input_ids), forced_a)
+    model.set_task(None)
+    assert all(layer.forced_task["default"] is None for layer in sparta_layers(model))
+
+
+def _two_task_inputs():
+    generator = torch.Generator().manual_seed(3)
+    task_a = torch.randint(0, 12, (4, 10), generator=generator)
+    task_b = torch.randint(85, 97, (4, 10), generator=generator)
+    return task_a, task_b
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+@pytest.mark.parametrize("router", ["prototype", "learned"])
+def test_router_picks_the_task_of_the_input_without_task_id(granularity, router):
+    task_a, task_b = _two_task_inputs()
+    model = sparta(tiny_llama(), router=router, router_granularity=granularity, task_names=["a"], router_lambda=1.0)
+    steps = 60 if router == "learned" else 2
+    train_steps(model, task_a, steps=steps, lr=5e-2)
+    model.add_task("b")
+    train_steps(model, task_b, steps=steps, lr=5e-2)
+    layer = sparta_layers(model)[0]
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
+    for expected, batch in enumerate([task_a, task_b]):
+        model(input_ids=batch)
+        _, gates = layer.route("default", captured["x"])
+        chosen = gates.argmax(-1).flatten()
+        # one linear key per task separates single random tokens less cleanly than prototypes or sequence queries
+        assert (chosen == expected).float().mean() >= (0.8 if (router, granularity) == ("learned", "token") else 0.9)
+    hook.remove()
+
+
+def test_spectral_router_routes_and_top_k_computes_one_branch(input_ids):
+    model = sparta(tiny_llama(), router="spectral", init_weights=False, task_names=["a", "b", "c"], top_k=1)
+    model.eval()
+    layer = sparta_layers(model)[0]
+    x = torch.randn(1, 1, layer.in_features)
+    tasks, gates = layer.route("default", x)
+    assert len(tasks) == 1 and torch.allclose(gates, torch.ones_like(gates))
+    assert logits(model, input_ids).isfinite().all()
+
+
+def test_regularizers_are_added_to_loss_in_training_only(input_ids):
+    model = sparta(tiny_llama(), init_weights=False, task_names=["a", "b"], orth_lambda=1.0)
+    model.set_task("b")
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(input_ids=input_ids, labels=input_ids).loss
+    model.train()
+    with torch.no_grad():
+        train_loss = model(input_ids=input_ids, labels=input_ids).loss
+    model.train()
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    regularization = model.base_model.last_regularization
+    assert regularization["orthogonality"] > 0
+    assert torch.allclose(train_loss, eval_loss)
+    with torch.no_grad():
+        model.eval()
+        forced_eval = model(input_ids=input_ids, labels=input_ids).loss
+    assert torch.allclose(loss, forced_eval + regularization["orthogonality"], atol=1e-5)
+
+
+def test_merge_single_task_and_conv1d_are_exact(input_ids):
+    for model in [
+        sparta(tiny_llama(), init_weights=False),
+        get_peft_model(tiny_gpt2(), SpaRTAConfig(target_modules=["c_attn"], r_shared=2, r_task=4, init_weights=False)),
+    ]:
+        expected = model(input_ids=input_ids).logits.detach()
+        model.merge_adapter()
+        assert torch.allclose(model(input_ids=input_ids).logits, expected, atol=1e-5)
+        model.unmerge_adapter()
+        assert torch.allclose(model(input_ids=input_ids).logits, expected, atol=1e-5)
+        merged = model.merge_and_unload()
+        assert not any(isinstance(m, SpaRTALayer) for m in merged.modules())
+        assert not merged._forward_hooks and not merged._forward_pre_hooks
+        assert torch.allclose(merged(input_ids=input_ids).logits, expected, atol=1e-5)
+
+
+def test_merge_under_dynamic_routing_is_an_error_and_forced_merge_is_exact(input_ids):
+    model = sparta(tiny_llama(), init_weights=False, task_names=["a", "b"])
+    with pytest.raises(ValueError, match="set_task"):
+        model.merge_adapter()
+    assert not any(layer.merged for layer in sparta_layers(model))
+    model.set_task("a")
+    expected = logits(model, input_ids)
+    model.merge_adapter()
+    assert torch.allclose(logits(model, input_ids), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unmerge"):
+        model.add_task("c")
+
+
+def test_disable_adapter_gives_base_output(input_ids):
+    expected = logits(tiny_llama(), input_ids)
+    model = sparta(tiny_llama(), init_weights=False)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, input_ids), expected)
+    assert not torch.equal(logits(model, input_ids), expected)
+
+
+def test_multiple_adapters_set_and_delete(input_ids):
+    model = sparta(tiny_llama(), init_weights=False)
+    model.add_adapter("other", SpaRTAConfig(target_modules=LLAMA_TARGETS, r_shared=2, r_task=4, init_weights=False))
+    first = logits(model, input_ids)
+    model.set_adapter("other")
+    assert not torch.allclose(logits(model, input_ids), first)
+    model.add_task("second")
+    assert model.get_task_names("other") == ["task_0", "second"]
+    assert model.get_task_names("default") == ["task_0"]
+    model.delete_adapter("other")
+    assert not any("other" in name for name in model.state_dict())
+    for layer in sparta_layers(model):
+        for attribute in layer.adapter_layer_names + layer.other_param_names:
+            assert "other" not in getattr(layer, attribute)
+
+
+def test_gradient_checkpointing_and_generation_with_kv_cache(input_ids):
+    model = sparta(tiny_llama(), task_names=["a", "b"])
+    model.gradient_checkpointing_enable()
+    train_steps(model, input_ids, steps=1)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=4)
+    assert out.shape == (2, 13)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils.peft_types import PeftType
+
+import peft_sparta
+from peft_sparta import SpaRTAConfig, SpaRTAModel
+from tests.conftest import tiny_llama
+
+
+def test_sparta_is_a_peft_type_by_attribute_value_and_name():
+    assert PeftType.SPARTA is PeftType("SPARTA") is PeftType["SPARTA"]
+    assert PeftType.SPARTA == "SPARTA"
+    assert PeftType.SPARTA in list(PeftType)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SPARTA] is SpaRTAConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING["SPARTA"] is SpaRTAModel
+
+
+def test_registration_is_idempotent():
+    members = len(PeftType)
+    peft_sparta.registration.extend_peft_type()
+    peft_sparta.register_sparta(SpaRTAConfig, SpaRTAModel)
+    assert len(PeftType) == members
+
+
+def test_fresh_process_loads_after_import(tmp_path):
+    model = get_peft_model(tiny_llama(), SpaRTAConfig(target_modules=["q_proj"], r_shared=2, r_task=4))
+    model.save_pretrained(tmp_path)
+    script = f"""
+import peft_sparta
+from peft import PeftConfig, PeftModel
+from tests.conftest import tiny_llama
+config = PeftConfig.from_pretrained({str(tmp_path)!r})
+assert type(config).__name__ == "SpaRTAConfig", type(config)
+model = PeftModel.from_pretrained(tiny_llama(), {str(tmp_path)!r})
+print(type(model.base_model).__name__)
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "SpaRTAModel"
+
+
+def test_peft_config_from_pretrained(tmp_path):
+    model = get_peft_model(tiny_llama(), SpaRTAConfig(target_modules=["q_proj"], r_shared=2, r_task=4))
+    model.save_pretrained(tmp_path)
+    config = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(config, SpaRTAConfig) and config.peft_type == PeftType.SPARTA
+    assert isinstance(PeftModel.from_pretrained(tiny_llama(), tmp_path).base_model, SpaRTAModel)
