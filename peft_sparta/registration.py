@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import enum
+
 from peft.utils.peft_types import PeftType
 
 
 SPARTA_NAME = "SPARTA"
 
 
-def extend_peft_type() -> PeftType:
-    """Add SPARTA to `PeftType`, once: as a value, as a name and as a class attribute.
+def extend_str_enum(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
+    """Add member ``name`` (value ``name``) to a closed ``str`` Enum, once, and return it.
 
-    `PeftType` is a closed `str` Enum; PEFT looks methods up by `PeftType(value)`, `PeftType[name]`, `list(PeftType)`
-    and `PeftType.SPARTA`, so the member has to be present in every one of the enum's lookup structures.
+    Lookups go through `enum_cls(value)`, `enum_cls[name]`, iteration and, on Python >= 3.12, the class attribute,
+    so the member is put in every one of the enum's lookup structures. This module imports nothing but `enum` for
+    this function so that it can be tested alone on every supported Python.
     """
-    if SPARTA_NAME in PeftType.__members__:
-        return PeftType[SPARTA_NAME]
-    member = str.__new__(PeftType, SPARTA_NAME)
-    member._name_ = SPARTA_NAME
-    member._value_ = SPARTA_NAME
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    type.__setattr__(PeftType, SPARTA_NAME, member)
-    PeftType._member_map_[SPARTA_NAME] = member
-    PeftType._value2member_map_[SPARTA_NAME] = member
-    PeftType._member_names_.append(SPARTA_NAME)
+    if name in enum_cls.__members__:
+        return enum_cls[name]
+    member = str.__new__(enum_cls, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = enum_cls
+    member._sort_order_ = len(enum_cls._member_names_)
+    type.__setattr__(enum_cls, name, member)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[name] = member
+    enum_cls._member_names_.append(name)
     return member
 
 
@@ -38,4 +41,4 @@ def register_sparta(config_cls, model_cls) -> None:
     register_peft_method(name=SPARTA_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix="sparta_")
 
 
-PEFT_TYPE_SPARTA = extend_peft_type()
+PEFT_TYPE_SPARTA = extend_str_enum(PeftType, SPARTA_NAME)

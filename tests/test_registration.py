@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -23,7 +28,7 @@ def test_sparta_is_a_peft_type_by_attribute_value_and_name():
 
 def test_registration_is_idempotent():
     members = len(PeftType)
-    peft_sparta.registration.extend_peft_type()
+    peft_sparta.registration.extend_str_enum(PeftType, "SPARTA")
     peft_sparta.register_sparta(SpaRTAConfig, SpaRTAModel)
     assert len(PeftType) == members
 
@@ -52,3 +57,40 @@ def test_peft_config_from_pretrained(tmp_path):
     config = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(config, SpaRTAConfig) and config.peft_type == PeftType.SPARTA
     assert isinstance(PeftModel.from_pretrained(tiny_llama(), tmp_path).base_model, SpaRTAModel)
+
+
+ENUM_CHECK = """
+import enum, importlib.util, sys
+source = open(sys.argv[1]).read()
+namespace = {"__name__": "registration_alone"}
+exec(source.split("from peft")[0] + source[source.index("def extend_str_enum"):source.index("def register_sparta")], namespace)
+
+class Kind(str, enum.Enum):
+    LORA = "LORA"
+
+member = namespace["extend_str_enum"](Kind, "SPARTA")
+assert namespace["extend_str_enum"](Kind, "SPARTA") is member
+assert Kind.SPARTA is Kind("SPARTA") is Kind["SPARTA"] is member
+assert Kind.SPARTA == "SPARTA" and "SPARTA" in list(Kind) and len(Kind) == 2
+assert {Kind.SPARTA: 1}["SPARTA"] == 1
+print("ok")
+"""
+
+
+def _find_python(version: str) -> str | None:
+    """A working interpreter of that version: on PATH, or under pyenv (whose shims fail for non-global versions)."""
+    candidates = [shutil.which(f"python{version}"), *glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}"))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "--version"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.11", "3.12", "3.13"])
+def test_enum_extension_on_every_supported_python(version):
+    interpreter = _find_python(version)
+    if interpreter is None:
+        pytest.skip(f"python{version} is not installed here")
+    source = Path(__file__).resolve().parents[1] / "peft_sparta" / "registration.py"
+    result = subprocess.run([interpreter, "-c", ENUM_CHECK, str(source)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
