@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Optional
 
+import re
+
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import SpaRTAConfig
+from .integration import SpaRTALoadError
 from .layer import Linear, SpaRTALayer
 from .router import RoutingContext
 
@@ -285,4 +292,40 @@ class SpaRTAModel(BaseTuner):
         self._remove_hooks()
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Map checkpoint keys to the model's and check them: every branch of every task present, shapes equal."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        _check_checkpoint(expected, remapped, config, adapter_name)
+        return remapped
+
+
+def _check_checkpoint(expected: dict, checkpoint: dict, config: SpaRTAConfig, adapter_name: str) -> None:
+    task_key = re.compile(rf"\.sparta_A_task\.{re.escape(adapter_name)}\.(\d+)$")
+    saved_tasks = {int(m.group(1)) for key in checkpoint if (m := task_key.search(key))}
+    if saved_tasks and len(saved_tasks) != len(config.task_names):
+        raise SpaRTALoadError(
+            f"The adapter config names {len(config.task_names)} tasks ({', '.join(config.task_names)}) but its "
+            f"weights hold {len(saved_tasks)} task branches: adapter_config.json and the weights file come from "
+            "different saves. Save the adapter again, or restore the matching files."
+        )
+    missing = sorted(set(expected) - set(checkpoint))
+    if missing:
+        raise SpaRTALoadError(
+            f"The adapter's weights lack {len(missing)} tensors that its config requires, e.g. {missing[0]}: the "
+            "weights file is incomplete or was saved for other target modules."
+        )
+    mismatched = [
+        f"{key}: checkpoint {tuple(checkpoint[key].shape)}, model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if tuple(checkpoint[key].shape) != tuple(value.shape)
+    ]
+    if mismatched:
+        raise SpaRTALoadError(
+            "The adapter was saved for a base model whose adapted layers have other shapes; load it into the base "
+            "model it was trained on. Mismatches: " + "; ".join(mismatched[:3])
         )
