@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import distributed as dist
 from torch.nn import functional as F
 
 
@@ -81,26 +82,52 @@ def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queries: t
     """One step of online (mini-batch) k-means of unit queries (N, d) into prototypes (P, d), in place.
 
     Empty prototypes are seeded with the first queries; every query then moves its nearest prototype towards it with
-    step 1 / count, so each prototype is the exact mean of the queries assigned to it.
+    step 1 / count, so each prototype is the exact mean of the queries assigned to it. Under data parallelism the
+    seeds and the per-prototype sums are shared across ranks, so every rank holds the same prototypes (every rank
+    must call this the same number of times, as it does in a forward of the same model).
     """
-    if queries.shape[0] == 0:
-        return
-    queries = queries.to(prototypes.dtype)
-    empty = (counts == 0).nonzero().flatten()
-    if len(empty) > 0:
-        seeds = queries[: len(empty)]
-        prototypes[empty[: len(seeds)]] = seeds
-        counts[empty[: len(seeds)]] = 1
-        queries = queries[len(seeds) :]
-        if queries.shape[0] == 0:
-            return
-    nearest = (queries.float() @ F.normalize(prototypes.float(), dim=-1).T).argmax(dim=-1)
+    queries = queries.float()
+    _seed_empty_prototypes(prototypes, counts, queries)
+    nearest = (queries @ F.normalize(prototypes.float(), dim=-1).T).argmax(dim=-1)
     added = torch.bincount(nearest, minlength=prototypes.shape[0])
-    sums = torch.zeros_like(prototypes, dtype=torch.float32).index_add_(0, nearest, queries.float())
+    sums = torch.zeros_like(prototypes, dtype=torch.float32).index_add_(0, nearest, queries)
+    if _is_data_parallel():
+        dist.all_reduce(sums)
+        dist.all_reduce(added)
     new_counts = counts + added
     updated = (prototypes.float() * counts.unsqueeze(-1) + sums) / new_counts.clamp(min=1).unsqueeze(-1)
-    prototypes.copy_(updated.to(prototypes.dtype))
+    prototypes.copy_(torch.where(new_counts.unsqueeze(-1) > 0, updated, prototypes.float()).to(prototypes.dtype))
     counts.copy_(new_counts)
+
+
+def _seed_empty_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor) -> None:
+    """Start empty prototypes at the first queries (of rank 0, then rank 1, ... under data parallelism); they count
+    no query until the assignment step gives them some."""
+    empty = (counts == 0).nonzero().flatten()
+    if len(empty) == 0:
+        return
+    candidates = queries[: len(empty)]
+    if _is_data_parallel():
+        candidates = _gather_rows(candidates, len(empty))
+    taken = min(len(empty), candidates.shape[0])
+    prototypes[empty[:taken]] = candidates[:taken].to(prototypes.dtype)
+
+
+def _is_data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_rows(rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Rows of every rank, in rank order (each rank holds at most ``capacity`` rows)."""
+    padded = rows.new_zeros(capacity, rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    size = torch.tensor([rows.shape[0]], device=rows.device)
+    world = dist.get_world_size()
+    all_rows = [torch.empty_like(padded) for _ in range(world)]
+    all_sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(all_rows, padded)
+    dist.all_gather(all_sizes, size)
+    return torch.cat([block[: int(count)] for block, count in zip(all_rows, all_sizes)])
 
 
 def router_loss(queries: torch.Tensor, keys: torch.Tensor, task: int, temperature: float) -> torch.Tensor:
