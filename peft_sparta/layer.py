@@ -460,11 +460,12 @@ def _random_projection(source_dim: int, target_dim: int, reference: torch.Tensor
 
 
 def _orthonormal_complement(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` orthonormal rows orthogonal to the span of ``rows`` (random, fixed seed); random rows if full."""
+    """``count`` unit rows orthogonal to the span of ``rows`` and to each other, as far as the dimension allows
+    (random with a fixed seed); rows beyond the dimension are random unit rows."""
     generator = torch.Generator().manual_seed(rows.shape[0] * 7919 + rows.shape[1])
     candidates = torch.randn(count, rows.shape[1], generator=generator).to(rows.device)
     if rows.shape[0] + count <= rows.shape[1]:
         basis, _ = torch.linalg.qr(rows.T)
         candidates = candidates - (candidates @ basis) @ basis.T
     orthonormal, _ = torch.linalg.qr(candidates.T)
-    return orthonormal.T
+    return torch.cat([orthonormal.T, F.normalize(candidates[orthonormal.shape[1] :], dim=-1)])

@@ -83,6 +83,12 @@ class SpaRTAModel(BaseTuner):
     @staticmethod
     def _create_new_module(config, adapter_name, target, **kwargs):
         base_layer = target.get_base_layer() if isinstance(target, SpaRTALayer) else target
+        if _is_quantized(base_layer):
+            raise ValueError(
+                f"Target module {target} is a quantized layer ({type(base_layer).__module__}."
+                f"{type(base_layer).__name__}); SpaRTA does not support quantized base layers (bitsandbytes 8/4-bit, "
+                "GPTQ, AWQ, torchao) yet. Load the base model unquantized, or exclude this module."
+            )
         if isinstance(base_layer, nn.Linear):
             return Linear(target, adapter_name, config, fan_in_fan_out=False, **kwargs)
         if isinstance(base_layer, Conv1D):
@@ -302,6 +308,14 @@ class SpaRTAModel(BaseTuner):
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         _check_checkpoint(expected, remapped, config, adapter_name)
         return remapped
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    weight = getattr(layer, "weight", None)
+    quantized_libraries = ("bitsandbytes", "torchao", "auto_gptq", "gptqmodel", "awq", "optimum")
+    return (weight is not None and not weight.dtype.is_floating_point) or type(layer).__module__.startswith(
+        quantized_libraries
+    )
 
 
 def _check_checkpoint(expected: dict, checkpoint: dict, config: SpaRTAConfig, adapter_name: str) -> None:

@@ -79,6 +79,20 @@ def test_unsupported_layer_type_is_a_clear_error():
         sparta(tiny_llama(), target_modules=["embed_tokens"])
 
 
+def test_quantized_base_layer_is_a_clear_error():
+    class Linear8bitLt(torch.nn.Linear):
+        """Stands in for bitsandbytes' int8 linear layer, which needs a GPU."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = Linear8bitLt(4, 4)
+            self.lin.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+
+    with pytest.raises(ValueError, match="quantized base layers"):
+        get_peft_model(Net(), SpaRTAConfig(target_modules=["lin"]))
+
+
 def test_gradients_only_on_trainable_parameters(input_ids):
     model = sparta(tiny_llama(), task_names=["a", "b"])
     model.train()
