@@ -1,0 +1,120 @@
+"""One adapted linear layer: PEFT LoRA vs SpaRTA eager vs SpaRTA fused, forward + backward, side by side.
+
+Layer shapes of SmolLM2-135M (576 -> 1536, 1536 -> 576) and of a 1B-class model (2048 -> 8192, 8192 -> 2048), with
+1, 4 and 16 tasks (the last one training; frozen task branches get no gradient). Also the inference forward with
+top_k=1 routing, whose cost must not grow with the number of tasks.
+
+    python benchmarks/bench_layers.py --tokens 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from tqdm import tqdm
+
+import peft_sparta  # noqa: F401
+from common import machine, markdown_table, median_seconds, peak_memory_bytes
+from peft_sparta import SpaRTAConfig
+
+
+SHAPES = [(576, 1536), (1536, 576), (2048, 8192), (8192, 2048)]
+
+
+class OneLayer(nn.Module):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def wrap(shape, method: str, tasks: int, args, dtype, device) -> nn.Module:
+    torch.manual_seed(0)
+    base = OneLayer(*shape).to(device=device, dtype=dtype)
+    if method == "lora":
+        return get_peft_model(base, LoraConfig(r=args.r_shared + args.r_task, target_modules=["proj"]))
+    backend = "eager" if method == "sparta-eager" else None
+    # token routing: a lone layer has no input embeddings to build a sequence query from
+    config = SpaRTAConfig(
+        r_shared=args.r_shared,
+        r_task=args.r_task,
+        target_modules=["proj"],
+        kernel_backend=backend,
+        top_k=1,
+        router_granularity="token",
+        orth_lambda=0.0,
+    )
+    model = get_peft_model(base, config)
+    for index in range(1, tasks):
+        model.add_task(f"task_{index}")
+    return model
+
+
+def measure(model, x: torch.Tensor, device, args) -> dict:
+    def train_step():
+        model.train()
+        model(x).float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+
+    def infer_step():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return {
+        "step_s": median_seconds(train_step, device, args.warmup, args.repeats),
+        "peak_bytes": peak_memory_bytes(train_step, device),
+        "infer_s": median_seconds(infer_step, device, args.warmup, args.repeats),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--tasks", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--r-shared", type=int, default=8)
+    parser.add_argument("--r-task", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    rows = []
+    cases = [(shape, m, t) for shape in SHAPES for m, t in [("lora", 1)] + [(m, t) for t in args.tasks for m in
+             ("sparta-eager", "sparta-fused")]]  # fmt: skip
+    results = {}
+    for shape, method, tasks in tqdm(cases, desc="layers"):
+        x = torch.randn(args.tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
+        results[(shape, method, tasks)] = measure(wrap(shape, method, tasks, args, dtype, device), x, device, args)
+    for (shape, method, tasks), value in results.items():
+        lora = results[(shape, "lora", 1)]
+        one_task = results.get((shape, method, 1), value)
+        rows.append(
+            [
+                f"{shape[0]}->{shape[1]}",
+                method,
+                tasks,
+                f"{value['step_s'] * 1000:.2f}",
+                f"{value['step_s'] / lora['step_s']:.2f}x",
+                f"{value['peak_bytes'] / 2**20:.1f}",
+                f"{value['peak_bytes'] / lora['peak_bytes']:.2f}x",
+                f"{value['infer_s'] / one_task['infer_s']:.2f}x",
+            ]
+        )
+    header = ["layer", "method", "tasks", "fwd+bwd ms", "time vs LoRA", "peak MiB", "memory vs LoRA",
+              "inference vs 1 task (top_k=1)"]  # fmt: skip
+    print(f"Machine: {machine()}; {args.tokens} tokens; r_shared={args.r_shared}, r_task={args.r_task}, LoRA r="
+          f"{args.r_shared + args.r_task}\n")  # fmt: skip
+    print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Training step of a whole Llama-shaped model: PEFT LoRA vs SpaRTA eager vs SpaRTA fused, side by side.
+
+LoRA gets the same total trainable rank as SpaRTA (r_shared + r_task). SpaRTA carries 1, 4 or 16 tasks (the last one
+training). Reports step time (forward + backward), tokens/s and peak memory (CUDA allocator peak; on CPU the bytes
+autograd saves for backward), each also as a ratio to LoRA measured in the same run, and the inference cost with
+top_k=1 at many tasks relative to one task.
+
+    python benchmarks/bench_train_step.py --shape smollm --tasks 1 4 16
+    python benchmarks/bench_train_step.py --shape 1b --layers 2      # a 1B-class layer shape, fewer layers on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peft_sparta  # noqa: F401
+from common import machine, markdown_table, median_seconds, peak_memory_bytes
+from peft_sparta import SpaRTAConfig
+
+
+SHAPES = {
+    "smollm": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+               "num_key_value_heads": 3, "vocab_size": 49152},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 32000},
+}  # fmt: skip
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = dict(SHAPES[shape])
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    return LlamaForCausalLM(LlamaConfig(**config)).to(device=device, dtype=dtype)
+
+
+def wrap(base, method: str, tasks: int, args) -> torch.nn.Module:
+    if method == "lora":
+        return get_peft_model(base, LoraConfig(r=args.r_shared + args.r_task, target_modules=TARGETS))
+    backend = "eager" if method == "sparta-eager" else None
+    config = SpaRTAConfig(
+        r_shared=args.r_shared, r_task=args.r_task, target_modules=TARGETS, kernel_backend=backend, top_k=1
+    )
+    model = get_peft_model(base, config)
+    for index in range(1, tasks):
+        model.add_task(f"task_{index}")
+    return model
+
+
+def measure(model, batch: torch.Tensor, device: torch.device, args) -> dict:
+    def train_step():
+        model.train()
+        model(input_ids=batch, labels=batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def infer_step():
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=batch)
+
+    seconds = median_seconds(train_step, device, args.warmup, args.repeats)
+    return {
+        "step_s": seconds,
+        "tokens_per_s": batch.numel() / seconds,
+        "peak_bytes": peak_memory_bytes(train_step, device),
+        "infer_s": median_seconds(infer_step, device, args.warmup, args.repeats),
+    }
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = {}
+    for shape in args.shape:
+        batch = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq), device=device)
+        cases = [("lora", 1)] + [(m, t) for t in args.tasks for m in ("sparta-eager", "sparta-fused")]
+        for method, tasks in tqdm(cases, desc=f"{shape} shape"):
+            model = wrap(build(shape, args.layers, dtype, device), method, tasks, args)
+            results[f"{shape}/{method}/{tasks}"] = measure(model, batch, device, args)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def table(results: dict, args) -> str:
+    rows = []
+    for key, value in results.items():
+        shape, method, tasks = key.split("/")
+        lora = results[f"{shape}/lora/1"]
+        one_task = results.get(f"{shape}/{method}/1", value)
+        rows.append(
+            [
+                shape,
+                method,
+                tasks,
+                f"{value['step_s'] * 1000:.1f}",
+                f"{value['step_s'] / lora['step_s']:.2f}x",
+                f"{value['tokens_per_s']:.0f}",
+                f"{value['peak_bytes'] / 2**20:.0f}",
+                f"{value['peak_bytes'] / lora['peak_bytes']:.2f}x",
+                f"{value['infer_s'] / one_task['infer_s']:.2f}x",
+            ]
+        )
+    header = ["shape", "method", "tasks", "step ms", "time vs LoRA", "tokens/s", "peak MiB", "memory vs LoRA",
+              "inference vs 1 task (top_k=1)"]  # fmt: skip
+    layers = f", {args.layers} layers" if args.layers else ""
+    note = f"Machine: {machine()}; batch {args.batch} x {args.seq} tokens{layers}; r_shared={args.r_shared}, "
+    note += f"r_task={args.r_task}, LoRA r={args.r_shared + args.r_task}; all 7 projections adapted."
+    return note + "\n\n" + markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["smollm"])
+    parser.add_argument("--tasks", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--r-shared", type=int, default=8)
+    parser.add_argument("--r-task", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    results = run(args)
+    report = table(results, args)
+    print(report)
+    if args.output:
+        args.output.write_text(json.dumps({"machine": machine(), "results": results, "table": report}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
