@@ -183,3 +183,15 @@ def test_load_across_dtypes_and_low_cpu_mem_usage(saved, input_ids, kwargs):
     half = PeftModel.from_pretrained(tiny_llama(dtype=torch.bfloat16), folder, **kwargs).eval()
     with torch.no_grad():
         assert torch.allclose(half(input_ids=input_ids).logits.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_load_into_a_base_model_loaded_with_device_map(saved, tmp_path, input_ids):
+    model, folder = saved
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = type(tiny_llama()).from_pretrained(tmp_path / "base", device_map="cpu")
+    loaded = PeftModel.from_pretrained(base, folder).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=input_ids).logits, expected)
