@@ -2,7 +2,10 @@
 
     delta(x) = sum_i scale_i * gate_i(x) * B_i A_i dropout(x)
 
-Block 0 is usually the shared branch (gate 1), the others are task branches gated by the router.
+Block 0 is usually the shared branch (gate 1), the others are task branches gated by the router. Three
+implementations: the eager per-branch reference (what tests compare against, and the "eager" backend), and one fused
+`torch.autograd.Function` whose element-wise steps run either as torch ops ("torch", any device) or as Triton kernels
+("triton", CUDA; see triton_gate_scale.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F
+
+from .utils import resolve_backend
 
 
 def gated_lowrank_reference(
@@ -41,3 +46,179 @@ def gated_lowrank_reference(
             branch = branch * gates[..., index : index + 1]
         result = branch if result is None else result + branch
     return result
+
+
+def _stack(blocks: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    return torch.cat(list(blocks), dim=dim) if len(blocks) > 1 else blocks[0]
+
+
+def _membership(ranks: tuple[int, ...], scales: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """P (n, R): P[i, c] = scale_i when column c belongs to block i, else 0."""
+    rows = [torch.full((1, rank), scale, dtype=like.dtype, device=like.device) for rank, scale in zip(ranks, scales)]
+    return torch.block_diag(*rows)
+
+
+def _gate_scale_forward(h, gates, ranks, scales, use_triton):
+    """z = h * (g P): every column of block i multiplied by scale_i * gate_i of its row."""
+    if use_triton:
+        from . import triton_gate_scale
+
+        return triton_gate_scale.gate_scale_forward(h, gates, ranks, scales)
+    membership = _membership(ranks, scales, h)
+    return h * (membership.sum(dim=0) if gates is None else gates @ membership)
+
+
+def _gate_scale_backward(dz, h, gates, ranks, scales, use_triton):
+    """dh = dz * (g P) and, when h is given, dg = (dz * h) P^T (the per-block column sums times the scale)."""
+    if use_triton:
+        from . import triton_gate_scale
+
+        return triton_gate_scale.gate_scale_backward(dz, h, gates, ranks, scales)
+    membership = _membership(ranks, scales, dz)
+    dh = dz * (membership.sum(dim=0) if gates is None else gates @ membership)
+    return dh, (dz * h) @ membership.T if h is not None else None
+
+
+def _replay_dropout(ctx, tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Multiply by the forward's m / (1 - p): rebuilds x_d from x, or turns dL/dx_d into dL/dx."""
+    if ctx.dropout_p == 0:
+        return tensor
+    if ctx.use_triton:
+        from . import triton_gate_scale
+
+        return triton_gate_scale.dropout(tensor, ctx.dropout_p, ctx.seed)
+    return tensor * (mask.to(tensor.dtype) * (1.0 / (1.0 - ctx.dropout_p)))
+
+
+class GatedLowRankFunction(torch.autograd.Function):
+    r"""Fused ``y = ((D(x) A^T) * (g P)) B^T`` over stacked blocks, with recomputation and frozen-block skipping.
+
+    With x (N, in), blocks A_i (r_i, in), B_i (out, r_i), R = sum r_i, A = [A_1; ...; A_n] (R, in),
+    B = [B_1, ..., B_n] (out, R), gates g (N, n) (all ones when None) and P (n, R) with P[i, c] = s_i on block i's
+    columns, so that C = g P is the per-row, per-column factor s_i g_{t,i}:
+
+        x_d = D(x) = x * m / (1 - p)     (m the dropout keep-mask; x_d = x without dropout)
+        h = x_d A^T,   z = h * C,   y = z B^T
+
+    Chain rule, given dy = dL/dy:
+
+        dz = dy B                     dB_i = dy^T z_i                      (z_i: block i's columns of z)
+        dh = dz * C                   dA_i = dh_i^T x_d
+        dx = (dh A) * m / (1 - p)     dg_{t,i} = s_i * sum_{c in block i} dz_{t,c} h_{t,c}   ( = ((dz * h) P^T)_{t,i} )
+
+    Memory: forward saves x, the gates, the blocks (parameters, no copy) and the dropout mask (torch path, bool) or
+    only an integer seed (Triton path); h and z are recomputed in backward, and only when a B block or the gates need
+    a gradient. Work: dA_i / dB_i are computed only for blocks whose tensor requires grad (frozen task branches cost
+    nothing but their columns in the stacked GEMMs), dx only when x requires grad.
+
+    Dropout in backward: the torch path runs ``torch.native_dropout`` (the kernel ``F.dropout`` itself uses, so the
+    mask equals the reference's under the same RNG state) and keeps its bool mask; the Triton path draws a seed from
+    torch's CPU generator and the kernel derives each element's keep bit from Philox(seed, flat index), so backward
+    regenerates the identical mask from the seed. Both draws come from torch's RNG, which activation checkpointing
+    saves and restores, so a recomputed forward reproduces the mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gates, scales, dropout_p, use_triton, *weights):
+        n = len(scales)
+        ranks = tuple(a.shape[0] for a in weights[:n])
+        mask = seed = None
+        if dropout_p > 0 and use_triton:
+            from . import triton_gate_scale
+
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            x_dropped = triton_gate_scale.dropout(x, dropout_p, seed)
+        elif dropout_p > 0:
+            x_dropped, mask = torch.native_dropout(x, dropout_p, True)
+        else:
+            x_dropped = x
+        h = F.linear(x_dropped, _stack(weights[:n], dim=0))
+        z = _gate_scale_forward(h, gates, ranks, scales, use_triton)
+        ctx.save_for_backward(x, gates, mask, *weights)
+        ctx.ranks, ctx.scales, ctx.dropout_p, ctx.use_triton, ctx.seed = ranks, scales, dropout_p, use_triton, seed
+        return F.linear(z, _stack(weights[n:], dim=1))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gates, mask, *weights = ctx.saved_tensors
+        ranks, scales, use_triton = ctx.ranks, ctx.scales, ctx.use_triton
+        n = len(ranks)
+        need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_a, need_b = ctx.needs_input_grad[5 : 5 + n], ctx.needs_input_grad[5 + n :]
+        starts = [sum(ranks[:i]) for i in range(n + 1)]
+        a_grads, b_grads, dx, dgates = [None] * n, [None] * n, None, None
+
+        x_dropped = _replay_dropout(ctx, x, mask) if any(need_a + need_b) or need_gates else None
+        h = F.linear(x_dropped, _stack(weights[:n], dim=0)) if any(need_b) or need_gates else None
+        if any(need_b):
+            z = _gate_scale_forward(h, gates, ranks, scales, use_triton)
+            for i in range(n):
+                if need_b[i]:
+                    b_grads[i] = dy.T @ z[:, starts[i] : starts[i + 1]]
+        if need_x or any(need_a) or need_gates:
+            dz = dy @ _stack(weights[n:], dim=1)
+            dh, dgates = _gate_scale_backward(dz, h if need_gates else None, gates, ranks, scales, use_triton)
+            for i in range(n):
+                if need_a[i]:
+                    a_grads[i] = dh[:, starts[i] : starts[i + 1]].T @ x_dropped
+            if need_x:
+                dx = _replay_dropout(ctx, dh @ _stack(weights[:n], dim=0), mask)
+        return dx, dgates, None, None, None, *a_grads, *b_grads
+
+
+def _open_blocks(gates: torch.Tensor | None, n_blocks: int) -> list[int] | None:
+    """Indices of the blocks whose gate is non-zero somewhere in the batch, or None to keep all of them.
+
+    A zero gate still has a non-zero gradient (dL/dg_i = s_i sum dz h over block i), so blocks are only dropped when
+    the gates need no gradient. The check reads the gates on the host (one device sync; a graph break under
+    torch.compile).
+    """
+    if gates is None or (gates.requires_grad and torch.is_grad_enabled()):
+        return None
+    return gates.detach().reshape(-1, n_blocks).ne(0).any(dim=0).nonzero().flatten().tolist()
+
+
+def gated_lowrank(
+    x: torch.Tensor,
+    a_blocks: Sequence[torch.Tensor],
+    b_blocks: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    gates: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``sum_i scales[i] * gates[..., i] * B_i A_i dropout(x)``, computed by the chosen backend.
+
+    Same arguments as `gated_lowrank_reference`; gates (None = all ones) must end in n_blocks and broadcast to
+    x.shape[:-1] + (n_blocks,): (B, S, n) routes each token, (B, 1, n) each sequence, (N, n) rows of a 2-D x. Blocks
+    whose gate is zero for the whole batch are dropped first (unless the gates need a gradient), so the cost follows
+    the branches in use, not the number of tasks; if none is left, the result is a zero tensor without autograd
+    history.
+
+    backend: "eager" (the reference), "torch" (fused Function, torch ops), "triton" (fused Function, Triton kernels),
+    or None / "auto": the env var SPARTA_KERNEL_BACKEND if set, else "triton" for CUDA tensors when Triton is
+    installed, else "torch". The fused backends cast the gates to x's dtype.
+    """
+    n_blocks = len(a_blocks)
+    if len(b_blocks) != n_blocks or len(scales) != n_blocks:
+        raise ValueError(f"Got {n_blocks} A blocks, {len(b_blocks)} B blocks and {len(scales)} scales.")
+    if gates is not None and gates.shape[-1] != n_blocks:
+        raise ValueError(f"gates must end in n_blocks={n_blocks}, got shape {tuple(gates.shape)}.")
+    backend = resolve_backend(backend, x)
+    keep = _open_blocks(gates, n_blocks)
+    if keep is not None and len(keep) < n_blocks:
+        if not keep:
+            lead = torch.broadcast_shapes(x.shape[:-1], gates.shape[:-1])
+            return x.new_zeros(*lead, b_blocks[0].shape[0])
+        a_blocks, b_blocks = [a_blocks[i] for i in keep], [b_blocks[i] for i in keep]
+        scales, gates = [scales[i] for i in keep], gates[..., keep]
+    if backend == "eager":
+        return gated_lowrank_reference(x, a_blocks, b_blocks, scales, gates, dropout_p, training)
+    lead = x.shape[:-1]
+    flat_x = x.reshape(-1, x.shape[-1])
+    flat_gates = None if gates is None else gates.to(x.dtype).expand(*lead, len(a_blocks)).reshape(-1, len(a_blocks))
+    p = float(dropout_p) if training else 0.0
+    scales = tuple(float(scale) for scale in scales)
+    out = GatedLowRankFunction.apply(flat_x, flat_gates, scales, p, backend == "triton", *a_blocks, *b_blocks)
+    return out.reshape(*lead, out.shape[-1])

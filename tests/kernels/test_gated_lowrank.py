@@ -1,0 +1,336 @@
+"""Fused gated low-rank product (torch ops and Triton kernels in the interpreter) against the eager reference."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft_sparta.kernels import gated_lowrank, gated_lowrank_reference
+from torch.utils.checkpoint import checkpoint
+
+from .conftest import TOLERANCES, dtype_supported
+
+
+# The package's `gated_lowrank` attribute is the function; the module is reached by its import path.
+gated_module = importlib.import_module("peft_sparta.kernels.gated_lowrank")
+RANKS = (1, 3, 8)
+OUT_FEATURES = 13
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def backend(request):
+    """The fused backends; "triton" runs its kernels in the interpreter (skipped without Triton)."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_interpret")
+    return request.param
+
+
+def make_case(n_tasks, in_features, gate_mode, dtype=torch.float32, seed=0, rows=None):
+    """x, A and B blocks (shared + n_tasks task branches, ranks cycling through 1, 3, 8), scales, gates and a fixed
+    output cotangent; everything requires grad. gate_mode: "token" (B, S, n), "sequence" (B, 1, n), "rows" (2-D x,
+    gates (N, n)) or "none"."""
+    generator = torch.Generator().manual_seed(seed)
+    n_blocks = n_tasks + 1
+    ranks = [RANKS[i % len(RANKS)] for i in range(n_blocks)]
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_()
+
+    lead = (rows,) if gate_mode == "rows" else (2, 3)
+    x = randn(*lead, in_features)
+    a_blocks = [randn(r, in_features, scale=in_features**-0.5) for r in ranks]
+    b_blocks = [randn(OUT_FEATURES, r, scale=r**-0.5) for r in ranks]
+    scales = [2.0] + [0.5 + i / 4 for i in range(n_tasks)]
+    gate_shape = {"token": (2, 3, n_blocks), "sequence": (2, 1, n_blocks), "rows": (rows, n_blocks)}.get(gate_mode)
+    gates = None if gate_shape is None else torch.rand(*gate_shape, generator=generator).to(dtype).requires_grad_()
+    cotangent = torch.randn(*lead, OUT_FEATURES, generator=generator).to(dtype)
+    return x, a_blocks, b_blocks, scales, gates, cotangent
+
+
+def run(fn, x, a_blocks, b_blocks, scales, gates, cotangent, **kwargs):
+    """Output and the gradient of every input (None where it got none) after backward of <out, cotangent>."""
+    leaves = [x, *a_blocks, *b_blocks] + ([gates] if gates is not None else [])
+    for leaf in leaves:
+        leaf.grad = None
+    out = fn(x, a_blocks, b_blocks, scales, gates, **kwargs)
+    (out * cotangent).sum().backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def assert_matches(actual, expected, dtype=torch.float32):
+    (out, grads), (ref_out, ref_grads) = actual, expected
+    torch.testing.assert_close(out, ref_out, **TOLERANCES[dtype])
+    assert len(grads) == len(ref_grads)
+    for index, (grad, ref_grad) in enumerate(zip(grads, ref_grads)):
+        if ref_grad is None:
+            assert grad is None, f"input {index} got a gradient the reference does not give"
+        else:
+            torch.testing.assert_close(grad, ref_grad, **TOLERANCES[dtype], msg=lambda m, i=index: f"input {i}: {m}")
+
+
+@pytest.mark.parametrize("gate_mode", ["token", "sequence", "none"])
+@pytest.mark.parametrize("in_features", [1, 7, 31])
+@pytest.mark.parametrize("n_tasks", [1, 2, 5])
+def test_matches_reference_fp32(backend, gate_mode, in_features, n_tasks):
+    case = make_case(n_tasks, in_features, gate_mode)
+    expected = run(gated_lowrank_reference, *case)
+    assert_matches(run(gated_lowrank, *case, backend=backend), expected)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 67])
+def test_two_dimensional_input(backend, rows):
+    case = make_case(2, 7, "rows", rows=rows)
+    assert_matches(run(gated_lowrank, *case, backend=backend), run(gated_lowrank_reference, *case))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate_mode", ["token", "none"])
+def test_matches_reference_half_precision(backend, dtype, gate_mode):
+    if not dtype_supported(dtype):
+        pytest.skip(f"{dtype} matmul/autograd not supported on this CPU build")
+    case = make_case(2, 31, gate_mode, dtype=dtype)
+    assert_matches(run(gated_lowrank, *case, backend=backend), run(gated_lowrank_reference, *case), dtype)
+
+
+def test_frozen_blocks_and_input_get_no_gradient(backend):
+    """The training step: only the shared block and the current task train, x is a frozen activation."""
+    x, a_blocks, b_blocks, scales, gates, cotangent = make_case(3, 7, "token")
+    x.requires_grad_(False)
+    gates.requires_grad_(False)
+    for block in a_blocks[1:3] + b_blocks[1:3]:
+        block.requires_grad_(False)
+    case = (x, a_blocks, b_blocks, scales, gates, cotangent)
+    expected = run(gated_lowrank_reference, *case)
+    actual = run(gated_lowrank, *case, backend=backend)
+    assert_matches(actual, expected)
+    grads = actual[1]
+    assert grads[0] is None and grads[2] is None and grads[3] is None and grads[6] is None and grads[7] is None
+    assert all(grad is not None for grad in (grads[1], grads[4], grads[5], grads[8]))
+
+
+def test_frozen_blocks_cost_no_weight_gradient_work(monkeypatch):
+    """Backward runs the same GEMMs with 0 or 4 frozen task blocks beside the two trainable ones."""
+    calls = []
+    real_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or real_matmul(a, b))
+    counts = []
+    for n_tasks in (1, 5):
+        x, a_blocks, b_blocks, scales, _, cotangent = make_case(n_tasks, 7, "none")
+        x.requires_grad_(False)
+        for block in a_blocks[1:-1] + b_blocks[1:-1]:
+            block.requires_grad_(False)
+        out = gated_lowrank(x, a_blocks, b_blocks, scales, None, backend="torch")
+        calls.clear()
+        (out * cotangent).sum().backward()
+        counts.append(len(calls))
+        assert all(block.grad is None for block in a_blocks[1:-1] + b_blocks[1:-1])
+    # dz = dy B, then dB_i = dy^T z_i and dA_i = dh_i^T x_d for the shared and the current block only.
+    assert counts == [5, 5]
+
+
+@pytest.mark.parametrize(
+    "backend", ["eager", "torch", pytest.param("triton", marks=pytest.mark.triton)], indirect=True
+)
+def test_zero_gate_blocks_are_skipped(backend, monkeypatch):
+    """Blocks gated to zero for the whole batch are dropped before computing: no gradient, fewer GEMM columns."""
+    x, a_blocks, b_blocks, scales, gates, cotangent = make_case(5, 7, "token")
+    gates = gates.detach()
+    gates[..., 1:4] = 0
+    gates[0, 0, 2] = 0.5  # block 2 is open for one token, so it stays
+    case = (x, a_blocks, b_blocks, scales, gates, cotangent)
+    expected = run(gated_lowrank_reference, *case)
+    seen = []
+    real_apply = gated_module.GatedLowRankFunction.apply
+    monkeypatch.setattr(
+        gated_module.GatedLowRankFunction, "apply", lambda *args: seen.append(args) or real_apply(*args)
+    )
+    out, _ = run(gated_lowrank, *case, backend=backend)
+    torch.testing.assert_close(out, expected[0], **TOLERANCES[torch.float32])
+    for block in (1, 3):
+        assert a_blocks[block].grad is None and b_blocks[block].grad is None
+        torch.testing.assert_close(expected[1][1 + block], torch.zeros_like(a_blocks[block]))
+    for block in (0, 2, 4, 5):
+        torch.testing.assert_close(a_blocks[block].grad, expected[1][1 + block], **TOLERANCES[torch.float32])
+    if backend != "eager":
+        (args,) = seen
+        assert len(args) == 5 + 2 * 4 and args[1].shape == (6, 4)
+
+
+def test_training_step_cost_does_not_grow_with_tasks(monkeypatch):
+    """With one-hot task gates (shared + current task open), 1 and 15 old tasks run the same two-block product."""
+    widths = []
+    real_apply = gated_module.GatedLowRankFunction.apply
+    monkeypatch.setattr(
+        gated_module.GatedLowRankFunction, "apply", lambda *args: widths.append(len(args)) or real_apply(*args)
+    )
+    for n_tasks in (1, 16):
+        x, a_blocks, b_blocks, scales, _, cotangent = make_case(n_tasks, 7, "none")
+        gates = torch.zeros(2, 3, n_tasks + 1)
+        gates[..., 0] = gates[..., -1] = 1
+        run(gated_lowrank, x, a_blocks, b_blocks, scales, gates, cotangent, backend="torch")
+    assert widths == [5 + 4, 5 + 4]
+
+
+def test_all_gates_zero_gives_zeros():
+    x, a_blocks, b_blocks, scales, _, _ = make_case(2, 7, "none")
+    out = gated_lowrank(x, a_blocks, b_blocks, scales, torch.zeros(2, 1, 3), backend="torch")
+    assert out.shape == (2, 3, OUT_FEATURES) and not out.any()
+
+
+def test_zero_gate_with_gate_gradient_is_kept(backend):
+    """A zero gate's gradient is not zero, so blocks are kept when the gates require grad."""
+    x, a_blocks, b_blocks, scales, gates, cotangent = make_case(2, 7, "token")
+    gates = gates.detach()
+    gates[..., 1] = 0
+    gates.requires_grad_()
+    case = (x, a_blocks, b_blocks, scales, gates, cotangent)
+    expected = run(gated_lowrank_reference, *case)
+    actual = run(gated_lowrank, *case, backend=backend)
+    assert_matches(actual, expected)
+    assert actual[1][-1][..., 1].abs().sum() > 0
+
+
+def test_torch_dropout_mask_equals_reference():
+    """Same RNG state, same mask: the torch path uses the kernel F.dropout itself uses and replays its mask."""
+    case = make_case(2, 31, "token")
+    torch.manual_seed(7)
+    expected = run(gated_lowrank_reference, *case, dropout_p=0.3, training=True)
+    torch.manual_seed(7)
+    actual = run(gated_lowrank, *case, dropout_p=0.3, training=True, backend="torch")
+    assert_matches(actual, expected)
+    torch.manual_seed(7)
+    evaluation = run(gated_lowrank, *case, dropout_p=0.3, training=False, backend="torch")
+    assert_matches(evaluation, run(gated_lowrank_reference, *case))
+
+
+@pytest.mark.triton
+def test_triton_dropout_replays_its_mask(triton_interpret, monkeypatch):
+    """The Triton mask is Philox(seed, index): recover it from the recorded seed, then the fused output and every
+    gradient must equal the reference run on x * mask / (1 - p), and backward must reuse the forward's seed."""
+    gate_scale = triton_interpret[0]
+    p = 0.3
+    x, a_blocks, b_blocks, scales, gates, cotangent = make_case(2, 31, "token")
+    seeds = []
+    real_dropout = gate_scale.dropout
+    monkeypatch.setattr(gate_scale, "dropout", lambda t, prob, seed: seeds.append(seed) or real_dropout(t, prob, seed))
+    actual = run(
+        gated_lowrank, x, a_blocks, b_blocks, scales, gates, cotangent, dropout_p=p, training=True, backend="triton"
+    )
+    assert len(seeds) == 3 and len(set(seeds)) == 1  # forward, rebuilt x_d, dx
+    keep = real_dropout(torch.ones_like(x.detach()).reshape(-1, x.shape[-1]), p, seeds[0]).reshape(x.shape)
+    assert 0 < (keep == 0).float().mean() < 1
+    expected = run(
+        lambda x, *args: gated_lowrank_reference(x * keep, *args), x, a_blocks, b_blocks, scales, gates, cotangent
+    )
+    assert_matches(actual, expected)
+
+
+@pytest.mark.triton
+def test_triton_dropout_rate(triton_interpret):
+    gate_scale = triton_interpret[0]
+    out = gate_scale.dropout(torch.ones(64, 128), 0.25, 1234)
+    assert abs((out == 0).float().mean().item() - 0.25) < 0.02
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / 0.75))
+    assert not torch.equal(out, gate_scale.dropout(torch.ones(64, 128), 0.25, 1235))
+
+
+def test_activation_checkpointing_with_dropout(backend):
+    """checkpoint() replays the forward with the saved RNG state: the same mask, the same gradients."""
+    case = make_case(2, 7, "sequence")
+    torch.manual_seed(3)
+    expected = run(gated_lowrank, *case, dropout_p=0.3, training=True, backend=backend)
+
+    def checkpointed(x, a_blocks, b_blocks, scales, gates, **kwargs):
+        return checkpoint(gated_lowrank, x, a_blocks, b_blocks, scales, gates, use_reentrant=False, **kwargs)
+
+    torch.manual_seed(3)
+    assert_matches(run(checkpointed, *case, dropout_p=0.3, training=True, backend=backend), expected)
+
+
+@pytest.mark.parametrize("gate_mode", ["token", "none"])
+def test_torch_compile_traces_one_graph(gate_mode):
+    """The Function traces into a single graph (dynamo + AOTAutograd) and matches the reference, dropout mask included."""
+    case = make_case(2, 7, gate_mode)
+    torch.manual_seed(5)
+    expected = run(gated_lowrank_reference, *case, dropout_p=0.2, training=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(gated_lowrank, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(5)
+    assert_matches(run(compiled, *case, dropout_p=0.2, training=True, backend="torch"), expected)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    """Inductor-generated code for forward and backward (a cold C++ compile takes ~20 s on two cores)."""
+    case = make_case(2, 7, "token")
+    expected = run(gated_lowrank_reference, *case)
+    torch._dynamo.reset()
+    assert_matches(run(torch.compile(gated_lowrank, fullgraph=True), *case, backend="torch"), expected)
+
+
+def test_backend_dispatch(monkeypatch):
+    case = make_case(1, 7, "token")[:5]
+    calls = []
+    real_apply = gated_module.GatedLowRankFunction.apply
+    monkeypatch.setattr(
+        gated_module.GatedLowRankFunction, "apply", lambda *args: calls.append(args[4]) or real_apply(*args)
+    )
+    monkeypatch.delenv("SPARTA_KERNEL_BACKEND", raising=False)
+    gated_lowrank(*case)  # auto on CPU: fused torch path
+    gated_lowrank(*case, backend="auto")
+    monkeypatch.setenv("SPARTA_KERNEL_BACKEND", "eager")
+    gated_lowrank(*case)
+    assert calls == [False, False]
+    gated_lowrank(*case, backend="torch")  # an explicit backend wins over the environment
+    assert calls == [False, False, False]
+    with pytest.raises(ValueError, match="'auto', 'eager', 'torch', 'triton'"):
+        gated_lowrank(*case, backend="cuda")
+    monkeypatch.setenv("SPARTA_KERNEL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SPARTA_KERNEL_BACKEND"):
+        gated_lowrank(*case)
+
+
+@pytest.mark.triton
+def test_triton_backend_runs_the_triton_kernels(triton_interpret, monkeypatch):
+    gate_scale = triton_interpret[0]
+    launched = []
+    for name in ("gate_scale_forward", "gate_scale_backward"):
+        real = getattr(gate_scale, name)
+        monkeypatch.setattr(
+            gate_scale, name, lambda *args, _real=real, _name=name: launched.append(_name) or _real(*args)
+        )
+    run(gated_lowrank, *make_case(1, 7, "token"), backend="triton")
+    assert launched == ["gate_scale_forward", "gate_scale_forward", "gate_scale_backward"]
+
+
+def test_imports_and_runs_without_triton():
+    """Triton is optional: with it unimportable the package imports, the auto backend runs, "triton" explains."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from peft_sparta.kernels import gated_lowrank, orthogonality_penalty\n"
+        "x = torch.randn(4, 5); a = [torch.randn(2, 5)]; b = [torch.randn(3, 2)]\n"
+        "assert gated_lowrank(x, a, b, [1.0]).shape == (4, 3)\n"
+        "assert orthogonality_penalty(a[0], x).ndim == 0\n"
+        "try:\n    gated_lowrank(x, a, b, [1.0], backend='triton')\nexcept ImportError as e:\n    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "needs Triton" in result.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_auto_backend_matches_reference(dtype, monkeypatch):
+    """On CUDA the default backend is Triton (compiled kernels, unless this process interprets them)."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("SPARTA_KERNEL_BACKEND", raising=False)
+    x, a_blocks, b_blocks, scales, gates, cotangent = make_case(2, 31, "token", dtype=dtype)
+    move = [t.detach().cuda().requires_grad_() for t in (x, *a_blocks, *b_blocks, gates)]
+    case = (move[0], move[1:4], move[4:7], scales, move[7], cotangent.cuda())
+    out = gated_lowrank(*case[:5])
+    assert "GatedLowRankFunction" in out.grad_fn.name()
+    assert_matches(run(gated_lowrank, *case), run(gated_lowrank_reference, *case), dtype)
