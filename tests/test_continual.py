@@ -60,3 +60,194 @@ def test_missing_entries_raise():
         forward_transfer(MATRIX, [0.1])
     with pytest.raises(ValueError, match=r"a\[1\]\[1\]"):
         average_accuracy([[0.9, 0.1], [0.5, float("nan")]])
+
+
+# ---- driver, harnesses and baselines on tiny models -------------------------------------------------------------------
+
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from peft_sparta import suites  # noqa: E402
+from peft_sparta.baselines import METHODS, make_method  # noqa: E402
+from peft_sparta.continual import (  # noqa: E402
+    CausalLMHarness,
+    ContinualArguments,
+    EmbeddingClassificationHarness,
+    RoutingRecorder,
+    train_sequence,
+)
+
+
+def word_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words of ``texts``, built locally (no download)."""
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    words = sorted({word for text in texts for word, _ in pre.pre_tokenize_str(text)})
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def small_classification_tasks(count: int = 3):
+    return suites.classification_suite(seed=1, train_per_label=6, test_per_label=3)[:count]
+
+
+def all_texts(tasks):
+    return [e.text for t in tasks for e in t.train + t.test] + [label for t in tasks for label in t.labels]
+
+
+def tiny_encoder(vocab_size: int) -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    )
+    return BertModel(config).eval()
+
+
+FAST = ContinualArguments(steps=2, batch_size=4, learning_rate=1e-2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def classification():
+    tasks = small_classification_tasks()
+    tokenizer = word_tokenizer(all_texts(tasks) + suites.NEUTRAL_TEXTS)
+    return tasks, tokenizer
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_and_reports(classification, name):
+    tasks, tokenizer = classification
+    harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
+    method = make_method(name, ["query", "value"], r_shared=2, r_task=4)
+    result = train_sequence(lambda: tiny_encoder(len(tokenizer)), tasks, FAST, harness=harness, method=method)
+    data = result.to_dict()
+    json.dumps(data)  # serialisable, NaN turned to None
+    rows = data["accuracy_matrix"]
+    assert len(rows) == (1 if method.multitask else len(tasks))
+    for i, row in enumerate(rows):
+        assert len(row) == len(tasks)
+        measured = [value for value in row if value is not None]
+        assert all(0.0 <= value <= 1.0 for value in measured)
+        if not method.multitask:
+            assert len(measured) == min(i + 2, len(tasks))
+    assert 0.0 <= data["AA"] <= 1.0
+    assert data["trainable_params"] > 0
+    if method.multitask:
+        assert data["BWT"] is None
+    else:
+        assert -1.0 <= data["BWT"] <= 1.0 and -1.0 <= data["FWT"] <= 1.0
+    routed = method.is_sparta and name != "sparta_no_router"
+    assert (data["routing_accuracy"] is not None) == routed
+    if routed:
+        assert 0.0 <= data["routing_accuracy"] <= 1.0
+        assert len(data["routing_weights"]) == len(tasks)
+        assert all(len(row) == len(tasks) for row in data["routing_weights"])
+
+
+def test_trainable_rank_is_the_same_for_every_sequential_method(classification):
+    tasks, tokenizer = classification
+    harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
+    counts = {}
+    for name in ("sparta", "seq_lora", "o_lora", "sparta_no_shared"):
+        method = make_method(name, ["query", "value"], r_shared=2, r_task=4)
+        args = ContinualArguments(steps=1, batch_size=4, progress=False, measure_forward_transfer=False)
+        counts[name] = train_sequence(
+            lambda: tiny_encoder(len(tokenizer)), tasks[:2], args, harness=harness, method=method
+        ).trainable_params
+    # rank 6 on query and value of 2 layers: 2 * 2 * 6 * (32 + 32)
+    assert set(counts.values()) == {2 * 2 * 6 * 64}, counts
+
+
+def test_o_lora_freezes_old_adapters_and_penalises_overlap(classification):
+    tasks, tokenizer = classification
+    harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
+    method = make_method("o_lora", ["query"], r_shared=2, r_task=4)
+    result = train_sequence(lambda: tiny_encoder(len(tokenizer)), tasks[:2], FAST, harness=harness, method=method)
+    model = result.model
+    assert model.base_model.active_adapters == [tasks[0].name, tasks[1].name]
+    trainable = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {tasks[1].name}
+    penalty = method.extra_loss(model)
+    assert penalty is not None and penalty.item() > 0
+
+
+def test_sparta_model_passed_directly_and_routing_recorded(classification):
+    import peft_sparta  # noqa: F401
+    from peft import get_peft_model
+
+    from peft_sparta import SpaRTAConfig
+
+    tasks, tokenizer = classification
+    harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
+    model = get_peft_model(tiny_encoder(len(tokenizer)), SpaRTAConfig(r_shared=2, r_task=4, target_modules=["query"]))
+    args = ContinualArguments(steps=3, batch_size=6, learning_rate=1e-2, progress=False, general_texts=["a b c"])
+    result = train_sequence(model, tasks, args, harness=harness)
+    assert model.base_model.task_names == ["task_0", *[t.name for t in tasks[1:]]]
+    assert result.routing_accuracy is not None and len(result.routing_accuracy_per_stage) == len(tasks)
+    assert result.routing_accuracy_per_stage[0] == 1.0  # one task: the router is the constant 1
+    assert result.drift is not None and result.drift >= -1e-6
+    # the recorder gives one row of gates per input, each a distribution over the tasks
+    with RoutingRecorder(model) as recorder:
+        harness.embed(model, [example.text for example in tasks[0].test])
+    gates = recorder.take()
+    assert gates.shape == (len(tasks[0].test), len(tasks))
+    assert torch.allclose(gates.sum(dim=-1), torch.ones(len(tasks[0].test)), atol=1e-5)
+
+
+def test_train_sequence_needs_a_method_for_a_plain_model(classification):
+    tasks, tokenizer = classification
+    harness = EmbeddingClassificationHarness(tokenizer)
+    with pytest.raises(ValueError, match="method"):
+        train_sequence(tiny_encoder(len(tokenizer)), tasks, FAST, harness=harness)
+
+
+def test_causal_lm_harness_sequence():
+    tasks = suites.generation_suite(seed=0, train_size=4, test_size=3, tasks=["add", "upper"])
+    texts = [CausalLMHarness.prompt(e.text) + " " + e.target for t in tasks for e in t.train + t.test]
+    tokenizer = word_tokenizer(texts + suites.NEUTRAL_TEXTS)
+    harness = CausalLMHarness(tokenizer, max_new_tokens=3, eval_batch_size=4)
+
+    def factory():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    args = ContinualArguments(steps=2, batch_size=4, learning_rate=1e-2, progress=False, general_texts=["a b"])
+    for name in ("sparta", "seq_lora"):
+        method = make_method(name, ["q_proj", "v_proj"], r_shared=2, r_task=4, task_type="CAUSAL_LM")
+        result = train_sequence(factory, tasks, args, harness=harness, method=method)
+        assert len(result.accuracy_matrix) == 2 and result.drift is not None
+        if name == "sparta":
+            assert result.routing_accuracy is not None
+
+
+def test_generation_suite_answers_are_exact():
+    tasks = {t.name: t for t in suites.generation_suite(seed=3, train_size=5, test_size=5)}
+    assert set(tasks) == set(suites.GENERATION_TASKS)
+    for example in tasks["add"].train:
+        left, right = example.text.split(": ")[1].rstrip(" =").split(" + ")
+        assert int(example.target) == int(left) + int(right)
+    for example in tasks["upper"].test:
+        assert example.target == example.text.split(": ")[1].upper()
+
+
+def test_classification_suite_is_deterministic_disjoint_and_label_sets_distinct():
+    first = suites.classification_suite(seed=5, train_per_label=8, test_per_label=4)
+    again = suites.classification_suite(seed=5, train_per_label=8, test_per_label=4)
+    other = suites.classification_suite(seed=6, train_per_label=8, test_per_label=4)
+    assert [t.train for t in first] == [t.train for t in again]
+    assert [t.train for t in first] != [t.train for t in other]
+    assert len(first) >= 5
+    labels = [label for task in first for label in task.labels]
+    assert len(labels) == len(set(labels))
+    for task in first:
+        assert not {e.text for e in task.train} & {e.text for e in task.test}
+        assert {e.target for e in task.train} == set(task.labels)
+        assert len(task.train) == 8 * len(task.labels) and len(task.test) == 4 * len(task.labels)

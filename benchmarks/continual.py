@@ -1,0 +1,293 @@
+"""Continual-learning benchmark: SpaRTA, its ablations and the PEFT baselines on one task sequence, task-free.
+
+Suites (see peft_sparta/suites.py):
+- minilm: six offline text-classification tasks with distinct label sets on all-MiniLM-L6-v2, scored by the nearest
+  label-name embedding among every label seen so far (~15 min for every method on 2 CPU cores).
+- smollm: five offline instruction tasks on SmolLM2-135M-Instruct, exact-match answers (reduced CPU setting).
+- standard: the Standard CL benchmark (AG News, Amazon, Yelp, DBpedia, Yahoo; orders 1-3) through `datasets`
+  (Hub download, or --data-dir with <task>/train.jsonl and test.jsonl in the Hub column layout).
+
+Writes benchmarks/results/continual-<suite>.json (merged with the methods already there), a markdown table
+(continual-<suite>.md) and plots (continual-<suite>-accuracy.png: accuracy-matrix heatmap per method;
+continual-<suite>-routing.png: mean router gates per true task for each SpaRTA run).
+
+    python benchmarks/continual.py --suite minilm
+    python benchmarks/continual.py --suite minilm --methods sparta seq_lora --steps 30
+    python benchmarks/continual.py --suite minilm --methods sparta --sparta router_temperature=0.05 --tag t005
+    python benchmarks/continual.py --suite smollm --methods sparta seq_lora o_lora --steps 20
+    python benchmarks/continual.py --suite standard --order 1 --data-dir data/standard_cl --model minilm
+"""
+
+from __future__ import annotations
+
+import os
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")  # without it, torch on a shared CPU machine can run 30x slower
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import ast  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table  # noqa: E402
+
+import peft_sparta  # noqa: E402, F401
+from peft_sparta import offline, suites  # noqa: E402
+from peft_sparta.baselines import METHODS, make_method  # noqa: E402
+from peft_sparta.continual import (  # noqa: E402
+    CausalLMHarness,
+    ContinualArguments,
+    EmbeddingClassificationHarness,
+    train_sequence,
+)
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MINILM_TARGETS = ["query", "key", "value", "dense"]
+SMOLLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MINILM_METHODS = [
+    "sparta", "seq_lora", "o_lora", "osf", "mtl_lora", "sparta_no_router", "sparta_no_shared", "sparta_no_orth",
+    "sparta_spectral_init", "sparta_learned_router", "sparta_spectral_router", "sparta_token_routing",
+    "sparta_freeze_shared", "sparta_one_prototype",
+]  # fmt: skip
+SMOLLM_METHODS = ["sparta", "seq_lora", "o_lora", "osf", "mtl_lora"]
+DEFAULTS = {
+    # suite: steps per task, batch size, learning rate
+    "minilm": (30, 16, 1e-3),
+    "smollm": (40, 8, 1e-3),
+    "standard": (100, 16, 1e-3),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["minilm", "smollm", "standard"], default="minilm")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"any of {sorted(METHODS)}; default: the suite's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--r-shared", type=int, default=8)
+    parser.add_argument("--r-task", type=int, default=32)
+    parser.add_argument("--tasks", nargs="+", default=None, help="task names (subset / order) of the suite")
+    parser.add_argument("--train-per-label", type=int, default=None, help="minilm/standard: training examples per label")
+    parser.add_argument("--test-per-label", type=int, default=None, help="minilm/standard: test examples per label")
+    parser.add_argument("--train-size", type=int, default=48, help="smollm: training examples per task")
+    parser.add_argument("--test-size", type=int, default=24, help="smollm: test examples per task")
+    parser.add_argument("--order", type=int, default=1, choices=[1, 2, 3], help="standard: task order")
+    parser.add_argument("--data-dir", default=None, help="standard: local <task>/{train,test}.jsonl files")
+    parser.add_argument("--model", choices=["minilm", "smollm"], default="minilm", help="standard: the model")
+    parser.add_argument(
+        "--sparta", nargs="*", default=[], metavar="FIELD=VALUE", help="SpaRTAConfig overrides for the SpaRTA runs"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the method names in the results (design sweeps)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="results stem; default benchmarks/results/continual-<suite>")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+def build_suite(args):
+    """(tasks, harness, model factory, target modules, task_type)."""
+    if args.suite == "minilm" or (args.suite == "standard" and args.model == "minilm"):
+        _, tokenizer = offline.load_minilm()
+        harness = EmbeddingClassificationHarness(tokenizer, max_length=64 if args.suite == "minilm" else 128)
+        factory, targets, task_type = (lambda: offline.load_minilm()[0]), MINILM_TARGETS, None
+    else:
+        _, tokenizer = offline.load_smollm2()
+        harness = CausalLMHarness(tokenizer, max_new_tokens=8)
+        factory, targets, task_type = (lambda: offline.load_smollm2()[0]), SMOLLM_TARGETS, "CAUSAL_LM"
+    if args.suite == "minilm":
+        tasks = suites.classification_suite(
+            args.seed, train_per_label=args.train_per_label or 48, test_per_label=args.test_per_label or 16,
+            tasks=args.tasks,
+        )  # fmt: skip
+    elif args.suite == "smollm":
+        tasks = suites.generation_suite(args.seed, train_size=args.train_size, test_size=args.test_size, tasks=args.tasks)
+    else:
+        tasks = suites.standard_cl_suite(
+            tuple(args.tasks) if args.tasks else args.order, data_dir=args.data_dir,
+            train_per_label=args.train_per_label or 1000, test_per_label=args.test_per_label or 500, seed=args.seed,
+            text_to_text=args.model == "smollm",
+        )  # fmt: skip
+    return tasks, harness, factory, targets, task_type
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    steps, batch_size, lr = DEFAULTS[args.suite]
+    settings = ContinualArguments(
+        steps=args.steps or steps,
+        batch_size=args.batch_size or batch_size,
+        learning_rate=args.lr or lr,
+        seed=args.seed,
+        progress=not args.no_progress,
+        general_texts=suites.NEUTRAL_TEXTS,
+    )
+    tasks, harness, factory, targets, task_type = build_suite(args)
+    methods = args.methods or (MINILM_METHODS if args.suite != "smollm" else SMOLLM_METHODS)
+    overrides = parse_overrides(args.sparta)
+    stem = Path(args.out) if args.out else RESULTS / f"continual-{args.suite}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    results = load_results(stem)
+    results.update(
+        suite=args.suite,
+        machine=machine(),
+        tasks=[task.name for task in tasks],
+        settings={
+            "steps_per_task": settings.steps, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
+            "seed": args.seed, "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
+            "train_sizes": [len(task.train) for task in tasks], "test_sizes": [len(task.test) for task in tasks],
+        },
+    )  # fmt: skip
+    for name in tqdm(methods, desc="methods", disable=args.no_progress):
+        method = make_method(name, targets, args.r_shared, args.r_task, task_type=task_type, sparta_overrides=overrides)
+        key = name + (f"_{args.tag}" if args.tag else "")
+        method.name = key
+        result = train_sequence(factory, tasks, settings, harness=harness, method=method).to_dict()
+        if method.is_sparta and overrides:
+            result["sparta_overrides"] = overrides
+        results["methods"][key] = result
+        save(results, stem, plots=not args.no_plots)
+        tqdm.write(summary_line(key, result))
+    return results
+
+
+def load_results(stem: Path) -> dict:
+    path = stem.with_suffix(".json")
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"methods": {}}
+
+
+def summary_line(name: str, result: dict) -> str:
+    def fmt(value, signed=False):
+        return "—" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
+
+    return (
+        f"{name}: AA {fmt(result['AA'])} BWT {fmt(result['BWT'], True)} FWT {fmt(result['FWT'], True)} "
+        f"routing {fmt(result['routing_accuracy'])} wall {result['wall_s']:.0f}s"
+    )
+
+
+def save(results: dict, stem: Path, plots: bool = True) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(markdown_report(results))
+    if plots:
+        plot(results, stem)
+
+
+def markdown_report(results: dict) -> str:
+    def fmt(value, signed=False):
+        return "—" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
+
+    header = ["method", "AA", "BWT", "FWT", "learning acc", "routing acc", "drift", "trainable params", "wall s"]
+    rows = [
+        [
+            name, fmt(r["AA"]), fmt(r["BWT"], True), fmt(r["FWT"], True), fmt(r["learning_accuracy"]),
+            fmt(r["routing_accuracy"]), fmt(r.get("drift")), f"{r['trainable_params']:,}", f"{r['wall_s']:.0f}",
+        ]
+        for name, r in results["methods"].items()
+    ]  # fmt: skip
+    settings = results.get("settings", {})
+    lines = [
+        f"# Continual benchmark: {results.get('suite')}",
+        "",
+        f"Machine: {results.get('machine')}. Tasks in order: {', '.join(results.get('tasks', []))}.",
+        f"Settings: {json.dumps(settings)}.",
+        "",
+        "AA: mean accuracy over all tasks after the last one; BWT: mean (final - just-trained) accuracy of the earlier "
+        "tasks (forgetting = -BWT); FWT: mean (accuracy on task j before training it - base model's); learning acc: "
+        "mean accuracy of each task right after its own training; routing acc: fraction of test inputs whose top "
+        "router gate is their own task's branch (SpaRTA with a router only); drift: change on unrelated text (minilm: "
+        "1 - cosine of embeddings to the base model's; smollm: mean token NLL increase). No task id at test time.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict, stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = results["methods"]
+    tasks = results.get("tasks", [])
+    if not methods:
+        return
+    columns = min(4, len(methods))
+    rows = -(-len(methods) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.3 * rows), squeeze=False)
+    for axis, (name, result) in zip(axes.flat, methods.items()):
+        matrix = np.array([[np.nan if v is None else v for v in row] for row in result["accuracy_matrix"]], dtype=float)
+        axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        for (i, j), value in np.ndenumerate(matrix):
+            if not np.isnan(value):
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
+        axis.set_title(f"{name}\nAA {result['AA']:.2f}", fontsize=8)
+        axis.set_xticks(range(len(tasks)), tasks, rotation=60, fontsize=6)
+        labels = ["all (MTL)"] if matrix.shape[0] == 1 and len(tasks) > 1 else tasks[: matrix.shape[0]]
+        axis.set_yticks(range(matrix.shape[0]), labels, fontsize=6)
+        axis.set_xlabel("evaluated task", fontsize=6)
+        axis.set_ylabel("after training", fontsize=6)
+    for axis in list(axes.flat)[len(methods) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(stem.parent / f"{stem.name}-accuracy.png", dpi=110)
+    plt.close(figure)
+
+    routed = {name: r for name, r in methods.items() if r.get("routing_weights")}
+    if not routed:
+        return
+    columns = min(4, len(routed))
+    rows = -(-len(routed) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.3 * rows), squeeze=False)
+    for axis, (name, result) in zip(axes.flat, routed.items()):
+        weights = np.array(result["routing_weights"], dtype=float)
+        axis.imshow(weights, vmin=0, vmax=1, cmap="magma")
+        for (i, j), value in np.ndenumerate(weights):
+            axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
+        axis.set_title(f"{name}\nrouting acc {result['routing_accuracy']:.2f}", fontsize=8)
+        axis.set_xticks(range(weights.shape[1]), tasks[: weights.shape[1]], rotation=60, fontsize=6)
+        axis.set_yticks(range(weights.shape[0]), tasks[: weights.shape[0]], fontsize=6)
+        axis.set_xlabel("task branch (mean gate)", fontsize=6)
+        axis.set_ylabel("test inputs of task", fontsize=6)
+    for axis in list(axes.flat)[len(routed) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(stem.parent / f"{stem.name}-routing.png", dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> None:
+    results = run(parse_args(argv))
+    print(markdown_report(results))
+
+
+if __name__ == "__main__":
+    main()
