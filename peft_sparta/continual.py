@@ -120,9 +120,12 @@ class RoutingRecorder:
         with RoutingRecorder(model) as recorder:
             model(**batch)
         recorder.take()  # (batch, tasks)
+
+    ``training``: record only forwards in training mode (True; the gates the router would give at inference) or in
+    eval mode (False); None records both.
     """
 
-    def __init__(self, model, adapter_name: Optional[str] = None) -> None:
+    def __init__(self, model, adapter_name: Optional[str] = None, training: Optional[bool] = None) -> None:
         from .layer import SpaRTALayer
 
         self.model = model
@@ -130,6 +133,7 @@ class RoutingRecorder:
         if not self.layers:
             raise ValueError("RoutingRecorder needs a model with SpaRTA layers.")
         self.adapter_name = adapter_name
+        self.training = training
         self.enabled = True
         self._handles: list = []
         self._sum: Optional[torch.Tensor] = None
@@ -162,6 +166,8 @@ class RoutingRecorder:
     @torch.no_grad()
     def _hook(self, layer, args) -> None:
         if not self.enabled or not args or not torch.is_tensor(args[0]):
+            return
+        if self.training is not None and layer.training != self.training:
             return
         adapter_name = self._adapter(layer)
         if adapter_name is None or layer.disable_adapters:

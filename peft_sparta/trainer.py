@@ -1,0 +1,150 @@
+"""Trainer integration: log SpaRTA's regularizers and router weights with the Hugging Face Trainer (and TRL).
+
+SpaRTA needs no Trainer subclass: in training mode the model adds its regularizers to ``outputs.loss`` itself. This
+callback only makes them visible:
+
+    from peft_sparta.trainer import SpaRTACallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[SpaRTACallback()])
+
+Every training log then carries
+
+- ``sparta/orthogonality`` and ``sparta/router``: the weighted regularizers (``model.base_model.last_regularization``),
+  averaged over the forwards (micro-batches) since the previous log;
+- ``sparta/gate/<task>``: the mean gate the router would give each task branch on the training inputs since the
+  previous log (in training the current task is routed to its own branch; this is the router's decision at
+  inference), and ``sparta/routed_to_current``: the fraction of those inputs whose top gate is the current task;
+
+and every evaluation log ``eval_sparta/gate/<task>`` (the gates actually used in eval mode). The values are written
+into the ``logs`` dict of ``on_log`` and into the same record of ``state.log_history``. Callbacks run in list order
+and the reporting integrations (TensorBoard, W&B, ...) come before user callbacks; `SpaRTACallback.attach(trainer)`
+puts the callback first so that they report these values too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .continual import RoutingRecorder
+
+
+__all__ = ["SpaRTACallback"]
+
+
+def _find_sparta(model):
+    """The `SpaRTAModel` tuner inside ``model`` (a PeftModel, possibly wrapped by DDP/accelerate), or None."""
+    from .model import SpaRTAModel
+
+    for candidate in (model, getattr(model, "module", None)):
+        if candidate is None:
+            continue
+        if isinstance(candidate, SpaRTAModel):
+            return candidate
+        if isinstance(getattr(candidate, "base_model", None), SpaRTAModel):
+            return candidate.base_model
+    return None
+
+
+class SpaRTACallback(TrainerCallback):
+    """Adds SpaRTA's regularizer values and per-task router weights to the Trainer logs (see the module docstring).
+
+    Args:
+        prefix (`str`, defaults to `"sparta/"`): prefix of the logged keys.
+        routing (`bool`, defaults to `True`): record router gates (one extra score computation per adapted layer and
+            forward, small next to the layer itself); False logs the regularizers only.
+    """
+
+    def __init__(self, prefix: str = "sparta/", routing: bool = True) -> None:
+        self.prefix = prefix
+        self.routing = routing
+        self._tuner = None
+        self._train_recorder: Optional[RoutingRecorder] = None
+        self._eval_recorder: Optional[RoutingRecorder] = None
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    @classmethod
+    def attach(cls, trainer, **kwargs) -> "SpaRTACallback":
+        """Create the callback and put it first among ``trainer``'s callbacks, before the reporting integrations."""
+        callback = cls(**kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------------
+
+    def _ensure(self, model) -> None:
+        if self._tuner is not None or model is None:
+            return
+        self._tuner = _find_sparta(model)
+        if self._tuner is None or not self.routing:
+            return
+        peft_model = model.module if hasattr(model, "module") and _find_sparta(model.module) else model
+        self._train_recorder = RoutingRecorder(peft_model, training=True).__enter__()
+        self._eval_recorder = RoutingRecorder(peft_model, training=False).__enter__()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._ensure(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for recorder in (self._train_recorder, self._eval_recorder):
+            if recorder is not None:
+                recorder.__exit__(None, None, None)
+        self._train_recorder = self._eval_recorder = None
+        self._tuner = None
+
+    # ---- regularizers ------------------------------------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        values = getattr(self._tuner, "last_regularization", None) if self._tuner is not None else None
+        if not values:
+            return
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(torch.as_tensor(value).float())
+        self._count += 1
+        # consumed: a later micro-batch that computes no loss must not count this value twice
+        self._tuner.last_regularization = {}
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._collect()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._ensure(model)
+        self._collect()
+
+    # ---- logging -------------------------------------------------------------------------------------------------
+
+    def _task_names(self) -> list[str]:
+        return list(self._tuner.task_names) if self._tuner is not None else []
+
+    def _gate_logs(self, recorder: Optional[RoutingRecorder], prefix: str, with_current: bool) -> dict[str, float]:
+        if recorder is None:
+            return {}
+        gates = recorder.take()
+        names = self._task_names()
+        if gates.numel() == 0 or not names:
+            return {}
+        gates = gates[:, : len(names)]
+        logs = {f"{prefix}gate/{name}": float(value) for name, value in zip(names, gates.mean(dim=0))}
+        if with_current:
+            logs[f"{prefix}routed_to_current"] = float((gates.argmax(dim=-1) == len(names) - 1).float().mean())
+        return logs
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        self._ensure(model)
+        if logs is None or self._tuner is None:
+            return
+        added: dict[str, float] = {}
+        if any(key.startswith("eval_") for key in logs):
+            added.update(self._gate_logs(self._eval_recorder, f"eval_{self.prefix}", with_current=False))
+        else:
+            self._collect()
+            if self._count:
+                added.update({f"{self.prefix}{name}": total / self._count for name, total in self._sums.items()})
+            self._sums, self._count = {}, 0
+            added.update(self._gate_logs(self._train_recorder, self.prefix, with_current=True))
+        logs.update(added)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(added)
