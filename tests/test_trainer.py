@@ -173,11 +173,5 @@ def test_trl_sft_trainer_bf16_autocast_eager_backend(tmp_path):
     check_logs(run_sft(tmp_path, kernel_backend="eager").state.log_history)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="core bug: the fused 'torch' kernel's backward mixes the bf16 grad of an autocast forward with fp32 "
-    "recomputed activations (gated_lowrank.py, 'expected m1 and m2 to have the same dtype')",
-)
 def test_trl_sft_trainer_bf16_autocast_fused_backend(tmp_path):
     check_logs(run_sft(tmp_path).state.log_history)

@@ -136,10 +136,19 @@ class GatedLowRankFunction(torch.autograd.Function):
         z = _gate_scale_forward(h, gates, ranks, scales, use_triton)
         ctx.save_for_backward(x, gates, mask, *weights)
         ctx.ranks, ctx.scales, ctx.dropout_p, ctx.use_triton, ctx.seed = ranks, scales, dropout_p, use_triton, seed
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return F.linear(z, _stack(weights[n:], dim=1))
 
     @staticmethod
     def backward(ctx, dy):
+        # recompute under the forward's autocast state, so the recomputed activations match dy's dtype
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
+            return GatedLowRankFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, gates, mask, *weights = ctx.saved_tensors
         ranks, scales, use_triton = ctx.ranks, ctx.scales, ctx.use_triton
         n = len(ranks)

@@ -193,6 +193,23 @@ def test_zero_gate_with_gate_gradient_is_kept(backend):
     assert actual[1][-1][..., 1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("gate_mode", ["token", "none"])
+def test_bf16_autocast_matches_reference(gate_mode):
+    """Under autocast the forward runs in bf16 while the leaves stay fp32; backward must recompute in bf16 too."""
+    case = make_case(2, 31, gate_mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = run(gated_lowrank_reference, *case)
+        actual = run(gated_lowrank, *case, backend="torch")
+    assert actual[0].dtype == torch.bfloat16
+    # the reference's fp32 gate multiply promotes its output to fp32, and both round in bf16 at different steps:
+    # compare in fp32 at twice the bf16 tolerance
+    out, grads = actual
+    ref_out, ref_grads = expected
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=0.1, rtol=0.1)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, atol=0.1, rtol=0.1)
+
+
 def test_torch_dropout_mask_equals_reference():
     """Same RNG state, same mask: the torch path uses the kernel F.dropout itself uses and replays its mask."""
     case = make_case(2, 31, "token")
