@@ -273,10 +273,17 @@ class EmbeddingClassificationHarness:
         return torch.stack([self.label_embeddings[label] for label in labels]).to(device)
 
     def loss(self, model, batch, task) -> torch.Tensor:
-        embeddings = self.embed(model, [example.text for example in batch])
-        logits = embeddings.float() @ self._label_matrix(task.labels, embeddings.device).T / self.temperature
-        targets = torch.tensor([task.labels.index(example.target) for example in batch], device=logits.device)
-        return F.cross_entropy(logits, targets)
+        return self.mixed_loss(model, [(task, example) for example in batch])
+
+    def mixed_loss(self, model, pairs) -> torch.Tensor:
+        """Mean loss of (task, example) pairs, one encoder forward; each example is scored over its task's labels."""
+        embeddings = self.embed(model, [example.text for _, example in pairs]).float()
+        losses = []
+        for index, (task, example) in enumerate(pairs):
+            logits = embeddings[index] @ self._label_matrix(task.labels, embeddings.device).T / self.temperature
+            target = torch.tensor(task.labels.index(example.target), device=logits.device)
+            losses.append(F.cross_entropy(logits.unsqueeze(0), target.unsqueeze(0)))
+        return torch.stack(losses).mean()
 
     @torch.no_grad()
     def accuracy(self, model, task, candidates: list[str], recorder: Optional[RoutingRecorder] = None) -> float:
@@ -334,6 +341,10 @@ class CausalLMHarness:
 
     def prepare(self, model, tasks) -> None:
         return None
+
+    def mixed_loss(self, model, pairs) -> torch.Tensor:
+        """Loss of (task, example) pairs: the task does not enter the causal-LM loss."""
+        return self.loss(model, [example for _, example in pairs], None)
 
     def loss(self, model, batch, task) -> torch.Tensor:
         tokenizer = self.tokenizer
@@ -577,11 +588,7 @@ def _train_steps(model, tasks, trained: list[int], steps: int, args, harness, me
             rng.shuffle(fresh)
             order += fresh
         batch, order = order[: args.batch_size], order[args.batch_size :]
-        loss = 0.0
-        # a batch mixing tasks (multi-task) is split per task, since each task has its own label set
-        for index in sorted({i for i, _ in batch}):
-            examples = [example for i, example in batch if i == index]
-            loss = loss + harness.loss(model, examples, tasks[index]) * (len(examples) / len(batch))
+        loss = harness.mixed_loss(model, [(tasks[index], example) for index, example in batch])
         if add_regularization:
             loss = loss + model.base_model.regularization_loss()
         extra = method.extra_loss(model)
