@@ -275,13 +275,15 @@ class EmbeddingClassificationHarness:
     def loss(self, model, batch, task) -> torch.Tensor:
         return self.mixed_loss(model, [(task, example) for example in batch])
 
-    def mixed_loss(self, model, pairs) -> torch.Tensor:
-        """Mean loss of (task, example) pairs, one encoder forward; each example is scored over its task's labels."""
+    def mixed_loss(self, model, pairs, label_space: Optional[list[str]] = None) -> torch.Tensor:
+        """Mean loss of (task, example) pairs in one encoder forward; each example is scored over its task's labels,
+        or over ``label_space`` when given (the multi-task upper bound, which knows every task at once)."""
         embeddings = self.embed(model, [example.text for _, example in pairs]).float()
         losses = []
         for index, (task, example) in enumerate(pairs):
-            logits = embeddings[index] @ self._label_matrix(task.labels, embeddings.device).T / self.temperature
-            target = torch.tensor(task.labels.index(example.target), device=logits.device)
+            labels = list(label_space) if label_space is not None else list(task.labels)
+            logits = embeddings[index] @ self._label_matrix(labels, embeddings.device).T / self.temperature
+            target = torch.tensor(labels.index(example.target), device=logits.device)
             losses.append(F.cross_entropy(logits.unsqueeze(0), target.unsqueeze(0)))
         return torch.stack(losses).mean()
 
@@ -342,8 +344,8 @@ class CausalLMHarness:
     def prepare(self, model, tasks) -> None:
         return None
 
-    def mixed_loss(self, model, pairs) -> torch.Tensor:
-        """Loss of (task, example) pairs: the task does not enter the causal-LM loss."""
+    def mixed_loss(self, model, pairs, label_space: Optional[list[str]] = None) -> torch.Tensor:
+        """Loss of (task, example) pairs: neither the task nor a label space enters the causal-LM loss."""
         return self.loss(model, [example for _, example in pairs], None)
 
     def loss(self, model, batch, task) -> torch.Tensor:
@@ -413,6 +415,9 @@ class ContinualArguments:
     progress: bool = True
     measure_forward_transfer: bool = True
     record_routing: bool = True
+    #: label space of the multi-task upper bound's loss: "union" (every task's labels, as at its evaluation) or
+    #: "task" (each example's own task labels, as the sequential methods train)
+    multitask_label_space: str = "union"
     #: unrelated texts (e.g. `peft_sparta.suites.NEUTRAL_TEXTS`) on which to measure general-ability drift
     general_texts: Optional[Sequence[str]] = None
 
@@ -579,6 +584,7 @@ def _train_steps(model, tasks, trained: list[int], steps: int, args, harness, me
     rng = random.Random(f"{args.seed}-{'+'.join(tasks[i].name for i in trained)}")
     order: list = []
     add_regularization = _is_sparta_model(model) and not harness.model_adds_regularization
+    label_space = _candidates(tasks, len(tasks) - 1) if len(trained) > 1 and args.multitask_label_space == "union" else None
     recent: list[float] = []
     task_label = tasks[trained[0]].name if len(trained) == 1 else "all tasks"
     bar = tqdm(range(steps), desc=f"{label} | {task_label}", disable=not args.progress, leave=False)
@@ -588,7 +594,7 @@ def _train_steps(model, tasks, trained: list[int], steps: int, args, harness, me
             rng.shuffle(fresh)
             order += fresh
         batch, order = order[: args.batch_size], order[args.batch_size :]
-        loss = harness.mixed_loss(model, [(tasks[index], example) for index, example in batch])
+        loss = harness.mixed_loss(model, [(tasks[index], example) for index, example in batch], label_space)
         if add_regularization:
             loss = loss + model.base_model.regularization_loss()
         extra = method.extra_loss(model)
