@@ -81,6 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", nargs="+", default=None, help="task names (subset / order) of the suite")
     parser.add_argument("--train-per-label", type=int, default=None, help="minilm/standard: training examples per label")
     parser.add_argument("--test-per-label", type=int, default=None, help="minilm/standard: test examples per label")
+    parser.add_argument(
+        "--boilerplate", action="store_true", help="minilm: wrap every input in shared boilerplate (harder routing)"
+    )
     parser.add_argument("--train-size", type=int, default=48, help="smollm: training examples per task")
     parser.add_argument("--test-size", type=int, default=24, help="smollm: test examples per task")
     parser.add_argument("--order", type=int, default=1, choices=[1, 2, 3], help="standard: task order")
@@ -121,7 +124,7 @@ def build_suite(args):
     if args.suite == "minilm":
         tasks = suites.classification_suite(
             args.seed, train_per_label=args.train_per_label or 48, test_per_label=args.test_per_label or 16,
-            tasks=args.tasks,
+            tasks=args.tasks, boilerplate=args.boilerplate,
         )  # fmt: skip
     elif args.suite == "smollm":
         tasks = suites.generation_suite(args.seed, train_size=args.train_size, test_size=args.test_size, tasks=args.tasks)
@@ -148,7 +151,8 @@ def run(args) -> dict:
     tasks, harness, factory, targets, task_type = build_suite(args)
     methods = args.methods or (MINILM_METHODS if args.suite != "smollm" else SMOLLM_METHODS)
     overrides = parse_overrides(args.sparta)
-    stem = Path(args.out) if args.out else RESULTS / f"continual-{args.suite}"
+    default_stem = f"continual-{args.suite}" + ("-boilerplate" if args.boilerplate else "")
+    stem = Path(args.out) if args.out else RESULTS / default_stem
     stem.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(stem)
     results.update(
@@ -157,7 +161,7 @@ def run(args) -> dict:
         tasks=[task.name for task in tasks],
         settings={
             "steps_per_task": settings.steps, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
-            "seed": args.seed, "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
+            "seed": args.seed, "boilerplate": args.boilerplate, "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
             "train_sizes": [len(task.train) for task in tasks], "test_sizes": [len(task.test) for task in tasks],
         },
     )  # fmt: skip

@@ -248,16 +248,39 @@ def _split(rng: random.Random, make: Callable[[random.Random], Example], train: 
     return examples[:train], examples[train:]
 
 
+_BOILERPLATE_PREFIXES = [
+    "forwarded message from {name} in {city}, received on {day}, please read it carefully before you reply:",
+    "the following note was copied from the shared inbox of the {city} office on {day} by {name}:",
+    "automatic transcript, channel {city}, operator {name}, {day} session, start of the relevant excerpt:",
+    "{name} pasted this into the team chat on {day} and asked everyone in {city} to take a look:",
+]
+_BOILERPLATE_SUFFIXES = [
+    "end of the excerpt, sent from my phone.",
+    "please do not reply to this automatic message.",
+    "thanks, and have a nice {day}.",
+    "archived by the {city} office.",
+]
+
+
+def _wrap_in_boilerplate(rng: random.Random, text: str) -> str:
+    prefix = _fill(rng, rng.choice(_BOILERPLATE_PREFIXES), **_COMMON)
+    suffix = _fill(rng, rng.choice(_BOILERPLATE_SUFFIXES), **_COMMON)
+    return f"{prefix} {text} {suffix}"
+
+
 def classification_suite(
     seed: int = 0,
     train_per_label: int = 48,
     test_per_label: int = 16,
     tasks: Optional[list[str]] = None,
+    boilerplate: bool = False,
 ) -> list[Task]:
     """The offline text-classification sequence (default: topic, sentiment, intent, question, language, emotion).
 
     Every task has its own label set (label names are unique across tasks) and its own templates; the result depends
-    on ``seed`` alone. Train and test texts never overlap.
+    on ``seed`` alone. Train and test texts never overlap. With ``boilerplate`` every input is wrapped in a long
+    prefix and suffix drawn from one pool for all tasks (like a shared system prompt or e-mail header): the tasks'
+    inputs then differ in a smaller part of their tokens, a harder case for routing on mean-pooled input embeddings.
     """
     names = list(tasks) if tasks is not None else list(CLASSIFICATION_TASKS)
     unknown = [name for name in names if name not in _CLASSIFICATION_TASKS]
@@ -269,9 +292,12 @@ def classification_suite(
         rng = random.Random(f"{seed}-{name}")
         train, test = [], []
         for label in labels:
-            label_train, label_test = _split(
-                rng, lambda r, label=label: Example(generator(r, label), label), train_per_label, test_per_label
-            )
+
+            def make(r, label=label):
+                text = generator(r, label)
+                return Example(_wrap_in_boilerplate(r, text) if boilerplate else text, label)
+
+            label_train, label_test = _split(rng, make, train_per_label, test_per_label)
             train += label_train
             test += label_test
         rng.shuffle(train)
