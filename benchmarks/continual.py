@@ -79,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--r-shared", type=int, default=8)
     parser.add_argument("--r-task", type=int, default=32)
     parser.add_argument("--tasks", nargs="+", default=None, help="task names (subset / order) of the suite")
-    parser.add_argument("--train-per-label", type=int, default=None, help="minilm/standard: training examples per label")
+    parser.add_argument("--train-per-label", type=int, default=None, help="minilm/standard: train examples per label")
     parser.add_argument("--test-per-label", type=int, default=None, help="minilm/standard: test examples per label")
     parser.add_argument(
         "--boilerplate", action="store_true", help="minilm: wrap every input in shared boilerplate (harder routing)"
@@ -127,7 +127,9 @@ def build_suite(args):
             tasks=args.tasks, boilerplate=args.boilerplate,
         )  # fmt: skip
     elif args.suite == "smollm":
-        tasks = suites.generation_suite(args.seed, train_size=args.train_size, test_size=args.test_size, tasks=args.tasks)
+        tasks = suites.generation_suite(
+            args.seed, train_size=args.train_size, test_size=args.test_size, tasks=args.tasks
+        )
     else:
         tasks = suites.standard_cl_suite(
             tuple(args.tasks) if args.tasks else args.order, data_dir=args.data_dir,
@@ -160,13 +162,16 @@ def run(args) -> dict:
         machine=machine(),
         tasks=[task.name for task in tasks],
         settings={
-            "steps_per_task": settings.steps, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
-            "seed": args.seed, "boilerplate": args.boilerplate, "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
+            "steps_per_task": settings.steps, "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate, "seed": args.seed, "boilerplate": args.boilerplate,
+            "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
             "train_sizes": [len(task.train) for task in tasks], "test_sizes": [len(task.test) for task in tasks],
         },
     )  # fmt: skip
     for name in tqdm(methods, desc="methods", disable=args.no_progress):
-        method = make_method(name, targets, args.r_shared, args.r_task, task_type=task_type, sparta_overrides=overrides)
+        method = make_method(
+            name, targets, args.r_shared, args.r_task, task_type=task_type, sparta_overrides=overrides
+        )
         key = name + (f"_{args.tag}" if args.tag else "")
         method.name = key
         result = train_sequence(factory, tasks, settings, harness=harness, method=method).to_dict()
@@ -221,7 +226,7 @@ def markdown_report(results: dict) -> str:
         f"Machine: {results.get('machine')}. Tasks in order: {', '.join(results.get('tasks', []))}.",
         f"Settings: {json.dumps(settings)}.",
         "",
-        "AA: mean accuracy over all tasks after the last one; BWT: mean (final - just-trained) accuracy of the earlier "
+        "AA: mean accuracy over all tasks after the last one; BWT: mean (final - just-trained) accuracy of earlier "
         "tasks (forgetting = -BWT); FWT: mean (accuracy on task j before training it - base model's); learning acc: "
         "mean accuracy of each task right after its own training; routing acc: fraction of test inputs whose top "
         "router gate is their own task's branch (SpaRTA with a router only); drift: change on unrelated text (minilm: "
@@ -248,11 +253,13 @@ def plot(results: dict, stem: Path) -> None:
     rows = -(-len(methods) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.3 * rows), squeeze=False)
     for axis, (name, result) in zip(axes.flat, methods.items()):
-        matrix = np.array([[np.nan if v is None else v for v in row] for row in result["accuracy_matrix"]], dtype=float)
+        matrix = [[np.nan if v is None else v for v in row] for row in result["accuracy_matrix"]]
+        matrix = np.array(matrix, dtype=float)
         axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         for (i, j), value in np.ndenumerate(matrix):
             if not np.isnan(value):
-                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
+                color = "w" if value < 0.6 else "k"
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
         axis.set_title(f"{name}\nAA {result['AA']:.2f}", fontsize=8)
         axis.set_xticks(range(len(tasks)), tasks, rotation=60, fontsize=6)
         labels = ["all (MTL)"] if matrix.shape[0] == 1 and len(tasks) > 1 else tasks[: matrix.shape[0]]

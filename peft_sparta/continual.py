@@ -87,7 +87,7 @@ def learning_accuracy(matrix: Sequence[Sequence[Optional[float]]]) -> float:
     return sum(_entry(matrix, j, j) for j in range(tasks)) / tasks
 
 
-# ---- routing recorder -------------------------------------------------------------------------------------------------
+# ---- routing recorder -----------------------------------------------------------------------------------------------
 
 
 def router_gates(layer, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -263,7 +263,8 @@ class EmbeddingClassificationHarness:
     @torch.no_grad()
     def general_reference(self, model, texts: list[str]) -> torch.Tensor:
         model.eval()
-        return torch.cat([self.embed(model, list(chunk)).float().cpu() for chunk in _batches(texts, self.eval_batch_size)])
+        chunks = _batches(texts, self.eval_batch_size)
+        return torch.cat([self.embed(model, list(chunk)).float().cpu() for chunk in chunks])
 
     def drift(self, model, texts: list[str], reference: torch.Tensor) -> float:
         """General-ability drift on unrelated text: 1 - mean cosine between the embeddings now and before training."""
@@ -363,7 +364,9 @@ class CausalLMHarness:
         attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
         label_ids = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
         device = _device(model)
-        output = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=label_ids.to(device))
+        output = model(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=label_ids.to(device)
+        )
         return output.loss
 
     @torch.no_grad()
@@ -386,7 +389,8 @@ class CausalLMHarness:
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
-                answers = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+                answers = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 correct += sum(
                     answer.strip().split("\n")[0].strip() == example.target for answer, example in zip(answers, batch)
                 )
@@ -505,7 +509,7 @@ def train_sequence(model_factory_or_model, tasks, args: Optional[ContinualArgume
     names = [task.name for task in tasks]
     if method is None:
         if not _is_sparta_model(model):
-            raise ValueError("pass method= (see peft_sparta.baselines.make_method) unless the model is a SpaRTA model.")
+            raise ValueError("pass method= (see peft_sparta.baselines.make_method) unless the model is SpaRTA's.")
         method = SpaRTAMethod(name="sparta")
     if _is_sparta_model(model):
         current = model.base_model.task_names
@@ -584,7 +588,8 @@ def _train_steps(model, tasks, trained: list[int], steps: int, args, harness, me
     rng = random.Random(f"{args.seed}-{'+'.join(tasks[i].name for i in trained)}")
     order: list = []
     add_regularization = _is_sparta_model(model) and not harness.model_adds_regularization
-    label_space = _candidates(tasks, len(tasks) - 1) if len(trained) > 1 and args.multitask_label_space == "union" else None
+    union = len(trained) > 1 and args.multitask_label_space == "union"
+    label_space = _candidates(tasks, len(tasks) - 1) if union else None
     recent: list[float] = []
     task_label = tasks[trained[0]].name if len(trained) == 1 else "all tasks"
     bar = tqdm(range(steps), desc=f"{label} | {task_label}", disable=not args.progress, leave=False)

@@ -180,8 +180,8 @@ def _question(rng: random.Random, label: str) -> str:
 
 
 _LANGUAGES = {
-    "french": ["bonjour", "fromage", "boulangerie", "croissant", "chateau", "merci", "baguette", "rendezvous", "soiree",
-               "bibliotheque", "fenetre", "papillon"],
+    "french": ["bonjour", "fromage", "boulangerie", "croissant", "chateau", "merci", "baguette", "rendezvous",
+               "soiree", "bibliotheque", "fenetre", "papillon"],
     "german": ["kindergarten", "wanderlust", "schadenfreude", "zeitgeist", "bratwurst", "danke", "fahrrad", "kuchen",
                "strasse", "lebensmittel", "schmetterling", "gemuetlichkeit"],
     "spanish": ["fiesta", "siesta", "tortilla", "gracias", "biblioteca", "mariposa", "playa", "cerveza", "ventana",
@@ -478,7 +478,7 @@ def standard_cl_suite(
     with the columns of the Hub copies (e.g. ag: text, label; dbpedia: title, content, label; yahoo:
     question_title, question_content, best_answer, topic), else from the Hub through ``datasets.load_dataset`` (needs
     network access; Amazon's 5-class set has no canonical Hub copy, give it in ``datasets_override`` or locally).
-    ``train_per_label``/``test_per_label`` examples per class are sampled with ``seed`` (the literature uses 1000 / 500).
+    ``train_per_label``/``test_per_label`` examples per class are sampled with ``seed`` (the literature: 1000 / 500).
     With ``text_to_text`` the input carries the instruction and the label options (the T5 setting of O-LoRA); the
     target is the label name either way. Amazon and Yelp share their label names, so a sequence holding both is
     scored with one shared label set.
@@ -512,7 +512,7 @@ def _load_standard_splits(name: str, spec: dict, data_dir, dataset_id: str) -> d
         files = {split: str(folder / f"{split}{suffix}") for split in ("train", "test")}
         if all(Path(path).exists() for path in files.values()):
             return datasets.load_dataset(builder, data_files=files)
-    raise FileNotFoundError(f"no train/test files for task '{name}' in {folder} (train.jsonl and test.jsonl expected).")
+    raise FileNotFoundError(f"no train/test files for task '{name}' in {folder} (expected train.jsonl, test.jsonl).")
 
 
 def _sample_per_label(split, spec: dict, per_label: int, rng: random.Random, max_chars: int) -> list[Example]:

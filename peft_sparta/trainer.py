@@ -95,7 +95,7 @@ class SpaRTACallback(TrainerCallback):
         self._train_recorder = self._eval_recorder = None
         self._tuner = None
 
-    # ---- regularizers ------------------------------------------------------------------------------------------------
+    # ---- regularizers -----------------------------------------------------------------------------------------------
 
     def _collect(self) -> None:
         values = getattr(self._tuner, "last_regularization", None) if self._tuner is not None else None

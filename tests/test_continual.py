@@ -62,7 +62,7 @@ def test_missing_entries_raise():
         average_accuracy([[0.9, 0.1], [0.5, float("nan")]])
 
 
-# ---- driver, harnesses and baselines on tiny models -------------------------------------------------------------------
+# ---- driver, harnesses and baselines on tiny models -----------------------------------------------------------------
 
 import json  # noqa: E402
 
@@ -268,7 +268,8 @@ def write_standard_cl_files(root, per_label: int = 3) -> None:
             lines = []
             for label in range(len(spec["labels"])):
                 for index in range(per_label):
-                    row = {column: f"{name} {split} {column} {label} {index} {rng.random():.3f}" for column in spec["text"]}
+                    text = f"{name} {split} {{}} {label} {index} {rng.random():.3f}"
+                    row = {column: text.format(column) for column in spec["text"]}
                     row[spec["label"]] = label
                     lines.append(json.dumps(row))
             (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
@@ -306,7 +307,7 @@ def test_standard_cl_text_to_text_and_errors(tmp_path):
         suites.standard_cl_suite(("ag",), data_dir=tmp_path / "missing")
 
 
-# ---- benchmark script: report, plots, CLI ----------------------------------------------------------------------------
+# ---- benchmark script: report, plots, CLI ---------------------------------------------------------------------------
 
 
 def load_benchmark_script():

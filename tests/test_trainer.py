@@ -150,7 +150,9 @@ def run_sft(tmp_path, kernel_backend=None, **overrides):
     if kernel_backend is not None:
         for config in model.peft_config.values():
             config.kernel_backend = kernel_backend
-    data = datasets.Dataset.from_dict({"prompt": [p + " =" for p in PROMPTS], "completion": [" " + a for a in ANSWERS]})
+    data = datasets.Dataset.from_dict(
+        {"prompt": [p + " =" for p in PROMPTS], "completion": [" " + a for a in ANSWERS]}
+    )
     config = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=2e-2, logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
