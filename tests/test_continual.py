@@ -360,7 +360,11 @@ def test_benchmark_cli_on_minilm(tmp_path):
         "--tasks", "topic", "sentiment", "--train-per-label", "4", "--test-per-label", "4", "--threads", "1",
         "--out", str(stem), "--no-progress", "--no-plots",
     ]  # fmt: skip
-    results = bench.run(bench.parse_args(argv))
+    threads = torch.get_num_threads()
+    try:
+        results = bench.run(bench.parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
     assert set(results["methods"]) == {"sparta", "seq_lora"}
     saved = json.loads(stem.with_suffix(".json").read_text())
     assert saved["suite"] == "minilm" and saved["tasks"] == ["topic", "sentiment"]

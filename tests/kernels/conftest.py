@@ -55,3 +55,11 @@ def triton_interpret():
     if not interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1 at process start; run by test_triton_kernels_in_interpreter")
     return [importlib.import_module(name) for name in TRITON_MODULES]
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def backend(request):
+    """The fused backends; "triton" runs its kernels in the interpreter (skipped without Triton)."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_interpret")
+    return request.param

@@ -20,14 +20,6 @@ RANKS = (1, 3, 8)
 OUT_FEATURES = 13
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.triton)])
-def backend(request):
-    """The fused backends; "triton" runs its kernels in the interpreter (skipped without Triton)."""
-    if request.param == "triton":
-        request.getfixturevalue("triton_interpret")
-    return request.param
-
-
 def make_case(n_tasks, in_features, gate_mode, dtype=torch.float32, seed=0, rows=None):
     """x, A and B blocks (shared + n_tasks task branches, ranks cycling through 1, 3, 8), scales, gates and a fixed
     output cotangent; everything requires grad. gate_mode: "token" (B, S, n), "sequence" (B, 1, n), "rows" (2-D x,
