@@ -69,7 +69,7 @@ def measure(model, x: torch.Tensor, device, args) -> dict:
 
     return {
         "step_s": median_seconds(train_step, device, args.warmup, args.repeats),
-        "peak_bytes": peak_memory_bytes(train_step, device),
+        "peak_bytes": peak_memory_bytes(train_step, device, model),
         "infer_s": median_seconds(infer_step, device, args.warmup, args.repeats),
     }
 

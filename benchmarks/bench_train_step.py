@@ -70,7 +70,7 @@ def measure(model, batch: torch.Tensor, device: torch.device, args) -> dict:
     return {
         "step_s": seconds,
         "tokens_per_s": batch.numel() / seconds,
-        "peak_bytes": peak_memory_bytes(train_step, device),
+        "peak_bytes": peak_memory_bytes(train_step, device, model),
         "infer_s": median_seconds(infer_step, device, args.warmup, args.repeats),
     }
 

@@ -37,19 +37,25 @@ def median_seconds(step, device: torch.device, warmup: int, repeats: int) -> flo
 
 
 @contextmanager
-def saved_activation_bytes():
-    """Count the bytes autograd saves for backward inside the block (activation memory, on any device)."""
+def saved_activation_bytes(model: torch.nn.Module):
+    """Count the bytes autograd saves for backward inside the block (activation memory, on any device): each storage
+    once, and none of the model's parameters, which autograd keeps by reference at no extra cost."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
     total = {"bytes": 0}
 
     def pack(tensor):
-        total["bytes"] += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield total
+    total["bytes"] = sum(storages.values())
 
 
-def peak_memory_bytes(step, device: torch.device) -> int:
+def peak_memory_bytes(step, device: torch.device, model: torch.nn.Module) -> int:
     """Peak memory of one ``step()``: allocator peak on CUDA, saved activations elsewhere."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -57,7 +63,7 @@ def peak_memory_bytes(step, device: torch.device) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    with saved_activation_bytes() as total:
+    with saved_activation_bytes(model) as total:
         step()
     return total["bytes"]
 

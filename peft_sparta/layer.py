@@ -345,9 +345,9 @@ class SpaRTALayer(BaseTunerLayer):
         others = ([shared] if shared is not None else []) + old
         if not others:
             return None
-        loss = orthogonality_penalty(current, torch.cat(others), config.orth_norm, backend=config.kernel_backend)
+        loss = orthogonality_penalty(current, others, config.orth_norm, backend=config.kernel_backend)
         if shared is not None and old and shared.requires_grad:
-            loss = loss + orthogonality_penalty(shared, torch.cat(old), config.orth_norm, backend=config.kernel_backend)
+            loss = loss + orthogonality_penalty(shared, old, config.orth_norm, backend=config.kernel_backend)
         return loss
 
     def _merge_task(self, adapter_name: str) -> int:

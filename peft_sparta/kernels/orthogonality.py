@@ -1,6 +1,14 @@
-"""Orthogonality penalty between the row spaces of two stacks of down-projections."""
+"""Orthogonality penalty between the row spaces of a down-projection and a stack of others.
+
+Two implementations: the eager per-block reference (what tests compare against, and the "eager" backend), and one
+fused `torch.autograd.Function` whose GEMMs run either as torch ops ("torch", any device) or as Triton kernels
+("triton", CUDA; see triton_orthogonality.py). The Function keeps the other blocks as they are given instead of saving
+a stacked copy of them for backward, so the penalty's memory does not grow with the number of frozen tasks.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -24,20 +32,81 @@ def orthogonality_penalty_reference(left: torch.Tensor, right: torch.Tensor, nor
     raise ValueError(f"orth_norm must be 'fro' or 'l1', got {norm!r}.")
 
 
-def orthogonality_penalty(
-    left: torch.Tensor, right: torch.Tensor, norm: str = "fro", backend: str | None = None
-) -> torch.Tensor:
-    """The penalty of `orthogonality_penalty_reference`, by the chosen backend.
+def _overlap_loss_and_grad(left, right, l1: bool, store_grad: bool, use_triton: bool):
+    """sum f(O) with O = left right^T, and G = dL/dO (fp32) when store_grad."""
+    if use_triton:
+        from . import triton_orthogonality
 
-    "triton" runs the fused Triton kernels (fp32 accumulation, see triton_orthogonality.py); "eager" and "torch" run the
-    reference under autograd (two small GEMMs, nothing to fuse on CPU); None / "auto" pick as `gated_lowrank` does:
-    SPARTA_KERNEL_BACKEND if set, else Triton for CUDA tensors when installed, else the reference.
+        return triton_orthogonality.orthogonality_forward(left, right, l1, store_grad)
+    overlap = left @ right.T
+    loss = overlap.abs().sum() if l1 else overlap.pow(2).sum()
+    grad = (overlap.sign() if l1 else 2.0 * overlap).float() if store_grad else None
+    return loss, grad
+
+
+def _grad_times(grad: torch.Tensor, other: torch.Tensor, dloss: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """dloss * grad @ other, in other's dtype (grad may be a transposed view)."""
+    if use_triton:
+        from . import triton_orthogonality
+
+        return triton_orthogonality.orthogonality_backward(grad, other, dloss)
+    return (dloss.float() * (grad @ other.float())).to(other.dtype)
+
+
+class OrthogonalityPenaltyFunction(torch.autograd.Function):
+    r"""L = sum_{i,j} f(O_ij) with O = left [right_1; ...; right_n]^T; f(o) = o^2 ("fro") or |o| ("l1").
+
+    Chain rule: G = dL/dO = 2 O (fro) or sign(O) (l1, sign(0) = 0 as torch's abs), so d left = dL * G right and
+    d right = dL * G^T left, split into the blocks. Saved: left, the right blocks themselves (parameters, no copy) and
+    G (M x N, fp32, tiny next to the operands, stored only when an input needs a gradient); the stacked right is
+    rebuilt in backward and freed at once. Gradients are computed only for blocks that require them.
+    """
+
+    @staticmethod
+    def forward(ctx, left, use_triton, l1, *right_blocks):
+        right = torch.cat(right_blocks).contiguous()
+        store_grad = any(ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:])
+        loss, grad = _overlap_loss_and_grad(left.contiguous(), right, l1, store_grad, use_triton)
+        ctx.use_triton = use_triton
+        ctx.save_for_backward(left, grad, *right_blocks)
+        return loss.to(left.dtype)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        left, grad, *right_blocks = ctx.saved_tensors
+        block_grads = ctx.needs_input_grad[3:]
+        d_left = None
+        if ctx.needs_input_grad[0]:
+            d_left = _grad_times(grad, torch.cat(right_blocks).contiguous(), dloss, ctx.use_triton)
+        d_blocks = [None] * len(right_blocks)
+        if any(block_grads):
+            d_right = _grad_times(grad.T, left.contiguous(), dloss, ctx.use_triton)
+            sizes = [block.shape[0] for block in right_blocks]
+            d_blocks = [d if needed else None for d, needed in zip(d_right.split(sizes), block_grads)]
+        return d_left, None, None, *d_blocks
+
+
+def orthogonality_penalty(
+    left: torch.Tensor,
+    right: torch.Tensor | Sequence[torch.Tensor],
+    norm: str = "fro",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The penalty of `orthogonality_penalty_reference` between ``left`` and ``right`` (one tensor, or the blocks to
+    stack, e.g. every other branch of a layer), by the chosen backend.
+
+    "eager" sums the reference over the blocks; "torch" and "triton" run `OrthogonalityPenaltyFunction` with torch ops
+    or the Triton kernels (fp32 accumulation); None / "auto" pick as `gated_lowrank` does: SPARTA_KERNEL_BACKEND if
+    set, else Triton for CUDA tensors when installed, else torch.
     """
     if norm not in NORMS:
         raise ValueError(f"orth_norm must be 'fro' or 'l1', got {norm!r}.")
-    if resolve_backend(backend, left) != "triton":
-        return orthogonality_penalty_reference(left, right, norm)
-    from .triton_orthogonality import OrthogonalityPenaltyFunction
-
-    dtype = torch.promote_types(left.dtype, right.dtype)
-    return OrthogonalityPenaltyFunction.apply(left.to(dtype), right.to(dtype), norm == "l1")
+    blocks = [right] if isinstance(right, torch.Tensor) else list(right)
+    if not blocks:
+        raise ValueError("orthogonality_penalty needs at least one block to compare against.")
+    backend = resolve_backend(backend, left)
+    if backend == "eager":
+        return sum(orthogonality_penalty_reference(left, block, norm) for block in blocks)
+    dtype = torch.promote_types(left.dtype, blocks[0].dtype)
+    blocks = [block.to(dtype) for block in blocks]
+    return OrthogonalityPenaltyFunction.apply(left.to(dtype), backend == "triton", norm == "l1", *blocks)

@@ -3,7 +3,8 @@
 Forward: each program computes one (BLOCK_M, BLOCK_N) tile of the overlap O = left right^T in fp32, writes its share of
 the loss to a per-tile slot (summed afterwards: deterministic, no atomics) and, when a gradient will be needed, the
 tile of dL/dO. Backward: two GEMMs of dL/dO against the other operand, by one kernel that reads dL/dO through strides so
-that its transpose costs no copy. Imported lazily by the "triton" backend only (Triton is optional).
+that its transpose costs no copy. The autograd Function that calls these launchers is in orthogonality.py; this module
+is imported lazily by the "triton" backend only (Triton is optional).
 """
 
 from __future__ import annotations
@@ -141,26 +142,3 @@ def orthogonality_backward(grad: torch.Tensor, other: torch.Tensor, dloss: torch
         )
     return out
 
-
-class OrthogonalityPenaltyFunction(torch.autograd.Function):
-    r"""L = sum_{i,j} f(O_ij) with O = left right^T (left (M, K), right (N, K)); f(o) = o^2 ("fro") or |o| ("l1").
-
-    Chain rule: G = dL/dO = 2 O (fro) or sign(O) (l1, sign(0) = 0 as torch's abs), so
-    d left = dL * G right and d right = dL * G^T left. G (M x N, fp32, tiny next to the operands) is the only thing
-    saved besides the inputs; it is stored only when an input requires grad.
-    """
-
-    @staticmethod
-    def forward(ctx, left, right, l1):
-        left, right = left.contiguous(), right.contiguous()
-        store_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, grad = orthogonality_forward(left, right, l1, store_grad)
-        ctx.save_for_backward(left, right, grad)
-        return loss.to(left.dtype)
-
-    @staticmethod
-    def backward(ctx, dloss):
-        left, right, grad = ctx.saved_tensors
-        d_left = orthogonality_backward(grad, right, dloss) if ctx.needs_input_grad[0] else None
-        d_right = orthogonality_backward(grad.T, left, dloss) if ctx.needs_input_grad[1] else None
-        return d_left, d_right, None

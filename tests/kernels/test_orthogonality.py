@@ -88,12 +88,51 @@ def test_cpu_backends_are_the_reference(backend, norm, monkeypatch):
     assert_matches(run(orthogonality_penalty, left, right, norm, backend=backend), expected)
 
 
+@pytest.mark.parametrize("norm", ["fro", "l1"])
+@pytest.mark.parametrize("trainable", [(True, False, False), (False, False, False), (True, True, True)])
+def test_blocks_match_the_reference_on_their_stack(backend, norm, trainable):
+    """As in the layer: the current branch against the shared one (often trainable) and frozen old ones."""
+    generator = torch.Generator().manual_seed(3)
+    left = (torch.randn(3, 31, generator=generator) * 0.2).requires_grad_()
+    blocks = [(torch.randn(rows, 31, generator=generator) * 0.2) for rows in (1, 8, 5)]
+    blocks = [block.requires_grad_(flag) for block, flag in zip(blocks, trainable)]
+    reference_blocks = [block.detach().clone().requires_grad_(block.requires_grad) for block in blocks]
+    expected = orthogonality_penalty_reference(left, torch.cat(reference_blocks), norm)
+    (expected * 1.5).backward()
+    expected_left_grad, left.grad = left.grad, None
+    actual = orthogonality_penalty(left, blocks, norm, backend=backend)
+    (actual * 1.5).backward()
+    torch.testing.assert_close(actual, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(left.grad, expected_left_grad, **TOLERANCES[torch.float32])
+    for block, reference in zip(blocks, reference_blocks):
+        if reference.requires_grad:
+            torch.testing.assert_close(block.grad, reference.grad, **TOLERANCES[torch.float32])
+        else:
+            assert block.grad is None
+
+
+def test_no_stacked_copy_is_saved_for_backward(backend):
+    """Only the inputs themselves and the small dL/dO are kept: memory does not grow with a copy of every block."""
+    left = torch.randn(4, 64, requires_grad=True)
+    blocks = [torch.randn(32, 64) for _ in range(6)]
+    storages = {t.untyped_storage().data_ptr() for t in (left, *blocks)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = orthogonality_penalty(left, blocks, backend=backend)
+    copies = [t for t in saved if t.untyped_storage().data_ptr() not in storages]
+    assert sum(t.numel() for t in copies) <= left.shape[0] * sum(b.shape[0] for b in blocks), [t.shape for t in copies]
+    loss.backward()
+    assert left.grad is not None
+
+
 def test_invalid_arguments():
     left, right = make_inputs(3, 8, 31)
     with pytest.raises(ValueError, match="orth_norm"):
         orthogonality_penalty(left, right, "nuc")
     with pytest.raises(ValueError, match="'auto', 'eager', 'torch', 'triton'"):
         orthogonality_penalty(left, right, backend="numpy")
+    with pytest.raises(ValueError, match="at least one block"):
+        orthogonality_penalty(left, [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
