@@ -224,7 +224,7 @@ METHODS: dict[str, tuple[type, dict]] = {
     "sparta_learned_router": (SpaRTAMethod, {"config": {"router": "learned"}}),
     "sparta_spectral_router": (SpaRTAMethod, {"config": {"router": "spectral"}}),
     "sparta_token_routing": (SpaRTAMethod, {"config": {"router_granularity": "token"}}),
-    "sparta_freeze_shared": (SpaRTAMethod, {"config": {"shared_update": "freeze_after_first"}}),
+    "sparta_train_shared": (SpaRTAMethod, {"config": {"shared_update": "train"}}),
     "sparta_one_prototype": (SpaRTAMethod, {"config": {"router_prototypes": 1}}),
 }
 

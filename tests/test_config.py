@@ -13,6 +13,7 @@ def test_defaults():
     assert config.target_modules == {"q_proj", "v_proj"}
     assert config.format_version == FORMAT_VERSION
     assert config.router == "prototype" and config.router_granularity == "auto"
+    assert config.shared_update == "freeze_after_first"
 
 
 @pytest.mark.parametrize(

@@ -151,12 +151,14 @@ def test_trainable_rank_is_the_same_for_every_sequential_method(classification):
     tasks, tokenizer = classification
     harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
     counts = {}
-    for name in ("sparta", "seq_lora", "o_lora", "sparta_no_shared"):
+    for name in ("sparta", "sparta_train_shared", "seq_lora", "o_lora", "sparta_no_shared"):
         method = make_method(name, ["query", "value"], r_shared=2, r_task=4)
         args = ContinualArguments(steps=1, batch_size=4, progress=False, measure_forward_transfer=False)
         counts[name] = train_sequence(
             lambda: tiny_encoder(len(tokenizer)), tasks[:2], args, harness=harness, method=method
         ).trainable_params
+    # by default SpaRTA's shared branch trains with the first task only: afterwards rank 4 trains, not 2 + 4
+    assert counts.pop("sparta") == 2 * 2 * 4 * 64
     # rank 6 on query and value of 2 layers: 2 * 2 * 6 * (32 + 32)
     assert set(counts.values()) == {2 * 2 * 6 * 64}, counts
 
