@@ -57,6 +57,19 @@ def minilm():
         pytest.skip(str(error))
 
 
+class Rows(torch.utils.data.Dataset):
+    """A list of ready-made feature dicts as a map-style dataset, for the Trainer."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))

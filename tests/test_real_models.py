@@ -8,21 +8,10 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from peft_sparta import SpaRTAConfig
-from tests.conftest import minilm, smollm2
+from tests.conftest import Rows, minilm, smollm2
 
 
 pytestmark = pytest.mark.slow
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
 
 
 def _train(model, rows, tmp_path, steps=3):
@@ -36,7 +25,7 @@ def _train(model, rows, tmp_path, steps=3):
         use_cpu=True,
         disable_tqdm=True,
     )
-    Trainer(model=model, args=args, train_dataset=_Rows(rows)).train()
+    Trainer(model=model, args=args, train_dataset=Rows(rows)).train()
 
 
 def _snapshot(model):

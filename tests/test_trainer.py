@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig
 from peft_sparta.trainer import SpaRTACallback
+from tests.conftest import Rows
 
 
 PROMPTS = [f"add {a} and {b}" for a in range(6) for b in range(4)]
@@ -50,17 +51,6 @@ def sparta_model(vocab_size: int, router: str = "prototype"):
             model(input_ids=ids, labels=ids)
     model.add_task("add")
     return model
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
 
 
 def completion_rows(tok) -> list[dict]:
