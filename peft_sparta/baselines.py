@@ -209,7 +209,8 @@ def _matching_linear_modules(model: nn.Module, target_modules) -> dict[str, nn.L
 
 
 #: name -> (class, keyword overrides). SpaRTA ablations change one thing against "sparta"; ranks follow r_shared and
-#: r_task (the no-shared ablation gives its task branch the shared rank, so every method trains the same rank).
+#: r_task (the no-shared ablation gives its task branch the shared rank, so every method trains the same rank). The
+#: spectral router routes by 4 singular directions per task, the setting it was measured with.
 METHODS: dict[str, tuple[type, dict]] = {
     "sparta": (SpaRTAMethod, {}),
     "seq_lora": (LoRAMethod, {}),
@@ -222,7 +223,7 @@ METHODS: dict[str, tuple[type, dict]] = {
     "sparta_no_orth": (SpaRTAMethod, {"config": {"orth_lambda": 0.0}}),
     "sparta_spectral_init": (SpaRTAMethod, {"config": {"init_weights": "spectral"}}),
     "sparta_learned_router": (SpaRTAMethod, {"config": {"router": "learned"}}),
-    "sparta_spectral_router": (SpaRTAMethod, {"config": {"router": "spectral"}}),
+    "sparta_spectral_router": (SpaRTAMethod, {"config": {"router": "spectral", "router_prototypes": 4}}),
     "sparta_token_routing": (SpaRTAMethod, {"config": {"router_granularity": "token"}}),
     "sparta_train_shared": (SpaRTAMethod, {"config": {"shared_update": "train"}}),
     "sparta_one_prototype": (SpaRTAMethod, {"config": {"router_prototypes": 1}}),
