@@ -29,7 +29,6 @@ __all__ = [
     "backward_transfer",
     "forward_transfer",
     "learning_accuracy",
-    "router_gates",
     "train_sequence",
 ]
 
@@ -90,44 +89,31 @@ def learning_accuracy(matrix: Sequence[Sequence[Optional[float]]]) -> float:
 # ---- routing recorder -----------------------------------------------------------------------------------------------
 
 
-def router_gates(layer, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-    """Gates over all task branches (..., tasks) that ``layer``'s router gives to input ``x``, with no side effect.
-
-    In eval mode these are the gates the layer uses. In training mode the layer routes the current task to its own
-    branch; this returns what the router would decide at inference instead. Forced routing (``set_task``) and a single
-    task give one-hot gates.
-    """
-    from . import router as routing
-
-    tasks = layer.num_tasks(adapter_name)
-    forced = layer.forced_task[adapter_name]
-    if forced is not None or tasks == 1:
-        index = 0 if forced is None else forced
-        return F.one_hot(torch.tensor(index, device=x.device), tasks).float().expand(*x.shape[:-1], tasks)
-    config = layer.sparta_settings[adapter_name]
-    # private SpaRTALayer helpers: the core has no public "gates without side effects" yet
-    scores = layer._scores(adapter_name, layer._queries(adapter_name, x))
-    return routing.gates_from_scores(scores, config.router_temperature, config.top_k)
-
-
 class RoutingRecorder:
     """Records, for every forward of a SpaRTA model, each input's gates over the task branches.
 
-    Forward pre-hooks on the SpaRTA layers compute `router_gates` from the layer input; per input the gates are
-    averaged over its positions (the prompt mask of the routing context: valid tokens, or prompt tokens when labels are
-    passed) and over the adapted layers. With sequence routing every layer gives the same gates.
+    Forward pre-hooks on the SpaRTA layers compute `SpaRTALayer.router_gates` from the layer input; per input the gates
+    are averaged over its positions (the prompt mask of the routing context: valid tokens, or prompt tokens when labels
+    are passed) and over the adapted layers. With sequence routing every layer gives the same gates.
 
         with RoutingRecorder(model) as recorder:
             model(**batch)
         recorder.take()  # (batch, tasks)
 
     ``training``: record only forwards in training mode (True; the gates the router would give at inference) or in
-    eval mode (False); None records both.
+    eval mode (False); None records both. ``quantity="scores"`` records each task's router score (best cosine
+    similarity, `SpaRTALayer.router_scores`) instead of the gates: the scores of your tasks' inputs and of text that
+    should abstain show where to put ``router_abstain_threshold``.
     """
 
-    def __init__(self, model, adapter_name: Optional[str] = None, training: Optional[bool] = None) -> None:
+    def __init__(
+        self, model, adapter_name: Optional[str] = None, training: Optional[bool] = None, quantity: str = "gates"
+    ) -> None:
         from .layer import SpaRTALayer
 
+        if quantity not in ("gates", "scores"):
+            raise ValueError(f"quantity must be 'gates' or 'scores', got {quantity!r}.")
+        self.quantity = quantity
         self.model = model
         self.layers = [module for module in model.modules() if isinstance(module, SpaRTALayer)]
         if not self.layers:
@@ -173,18 +159,18 @@ class RoutingRecorder:
         if adapter_name is None or layer.disable_adapters:
             return
         x = args[0]
-        gates = router_gates(layer, adapter_name, x).float()
-        per_input = self._reduce(layer, gates, x)
+        read = layer.router_gates if self.quantity == "gates" else layer.router_scores
+        per_input = self._reduce(layer, read(adapter_name, x).float(), x)
         if self._sum is not None and self._sum.shape != per_input.shape:
             return  # a layer whose input is not laid out (batch, ..., features) like the others
         self._sum = per_input if self._sum is None else self._sum + per_input
         self._count += 1
 
     @staticmethod
-    def _reduce(layer, gates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if gates.dim() == 1:
-            return gates.unsqueeze(0)
-        flat = gates.reshape(gates.shape[0], -1, gates.shape[-1])
+    def _reduce(layer, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if values.dim() == 1:
+            return values.unsqueeze(0)
+        flat = values.reshape(values.shape[0], -1, values.shape[-1])
         context = layer.routing_context
         mask = context.token_mask if context is not None else None
         if flat.shape[1] > 1 and mask is not None and tuple(mask.shape) == tuple(flat.shape[:2]):
@@ -198,7 +184,7 @@ class RoutingRecorder:
         self._sum, self._count = None, 0
 
     def take(self) -> torch.Tensor:
-        """Gates (inputs, tasks) of every input recorded since the last call, in forward order."""
+        """Gates or scores (inputs, tasks) of every input recorded since the last call, in forward order."""
         self._close()
         records, self._records = self._records, []
         if not records:
@@ -638,7 +624,8 @@ def _evaluate(model, tasks, stage: int, args, harness, method, multitask: bool):
 
 
 def _routing_accuracy(gates_by_task: dict, stage: int, offset: int):
-    """Fraction of inputs whose top gate is their own task's branch; and the mean gates per task (rows: true task)."""
+    """Fraction of inputs whose top gate is their own task's branch (an input the router abstains on, all gates zero,
+    counts as misrouted); and the mean gates per task (rows: true task)."""
     if not gates_by_task:
         return None, None
     correct = total = 0
@@ -647,7 +634,8 @@ def _routing_accuracy(gates_by_task: dict, stage: int, offset: int):
         gates = gates_by_task[j]
         if gates.numel() == 0:
             return None, None
-        correct += int((gates.argmax(dim=-1) == offset + j).sum())
+        routed = gates.amax(dim=-1) > 0
+        correct += int(((gates.argmax(dim=-1) == offset + j) & routed).sum())
         total += gates.shape[0]
         weights.append([float(v) for v in gates.mean(dim=0)[offset:]])
     return correct / total, weights

@@ -306,19 +306,38 @@ class SpaRTALayer(BaseTunerLayer):
         if self.training:
             self._learn_route(adapter_name, x)
             return [tasks - 1], None
-        if tasks == 1:
+        if tasks == 1 and self.sparta_settings[adapter_name].router_abstain_threshold is None:
             return [0], None
-        config = self.sparta_settings[adapter_name]
-        scores = self._scores(adapter_name, self._queries(adapter_name, x))
-        gates = routing.gates_from_scores(scores, config.router_temperature, config.top_k)
+        gates = self.router_gates(adapter_name, x)
         used = gates.reshape(-1, tasks).amax(dim=0).nonzero().flatten().tolist()
         return used, gates[..., used]
+
+    def router_gates(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Gates over all task branches (..., tasks) that the router gives input ``x`` at inference, with no side
+        effect (also in training mode, where the layer itself routes to the current task): one-hot for a forced task
+        or a single task, all zero for an input the router abstains on."""
+        tasks = self.num_tasks(adapter_name)
+        config = self.sparta_settings[adapter_name]
+        forced = self.forced_task[adapter_name]
+        if forced is not None or (tasks == 1 and config.router_abstain_threshold is None):
+            index = torch.tensor(0 if forced is None else forced, device=x.device)
+            return F.one_hot(index, tasks).float().expand(*x.shape[:-1], tasks)
+        scores = self.router_scores(adapter_name, x)
+        threshold = config.router_abstain_threshold
+        return routing.gates_from_scores(scores, config.router_temperature, config.top_k, threshold)
+
+    def router_scores(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Each task's score (..., tasks) for input ``x``: its best cosine similarity to the task's prototypes, key or
+        singular directions, the quantity ``router_abstain_threshold`` is compared with."""
+        return self._scores(adapter_name, self._queries(adapter_name, x))
 
     # ---- computation -------------------------------------------------------------------------------------------------
 
     def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for input x: shared branch plus routed task branches."""
         tasks, gates = self.route(adapter_name, x)
+        if not tasks and adapter_name not in self.sparta_A_shared:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         a_blocks = [self.sparta_A_task[adapter_name][t] for t in tasks]
         b_blocks = [self.sparta_B_task[adapter_name][t] for t in tasks]
         scales = [self.scaling_task[adapter_name]] * len(tasks)

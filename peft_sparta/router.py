@@ -69,12 +69,18 @@ def spectral_directions(a: torch.Tensor, b: torch.Tensor, count: int) -> torch.T
     return directions
 
 
-def gates_from_scores(scores: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """Softmax over tasks of scores / temperature; with top_k, zero outside the k best tasks and renormalise."""
+def gates_from_scores(
+    scores: torch.Tensor, temperature: float, top_k: int | None, abstain_threshold: float | None = None
+) -> torch.Tensor:
+    """Softmax over tasks of scores / temperature; with top_k, zero outside the k best tasks and renormalise; with
+    abstain_threshold, zero gates for every query whose best score is below it (no task branch for that input)."""
     if top_k is not None and top_k < scores.shape[-1]:
-        threshold = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
-    return torch.softmax(scores / temperature, dim=-1)
+        kth_best = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    gates = torch.softmax(scores / temperature, dim=-1)
+    if abstain_threshold is None:
+        return gates
+    return gates * (scores.amax(dim=-1, keepdim=True) >= abstain_threshold)
 
 
 @torch.no_grad()

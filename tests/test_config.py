@@ -35,6 +35,8 @@ def test_defaults():
         ("router_temperature", 0.0),
         ("router_prototypes", 0),
         ("top_k", 0),
+        ("router_abstain_threshold", 1.5),
+        ("router_abstain_threshold", True),
         ("orth_lambda", -1.0),
         ("orth_norm", "l2"),
         ("router_lambda", -0.5),

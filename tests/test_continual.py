@@ -371,3 +371,34 @@ def test_benchmark_cli_on_minilm(tmp_path):
     saved = json.loads(stem.with_suffix(".json").read_text())
     assert saved["suite"] == "minilm" and saved["tasks"] == ["topic", "sentiment"]
     assert saved["methods"]["sparta"]["routing_accuracy"] is not None
+
+
+def test_routing_accuracy_counts_abstained_inputs_as_misrouted():
+    from peft_sparta.continual import _routing_accuracy
+
+    gates_by_task = {0: torch.tensor([[1.0, 0.0], [0.0, 0.0]]), 1: torch.tensor([[0.1, 0.9]])}
+    accuracy, _ = _routing_accuracy(gates_by_task, stage=1, offset=0)
+    assert accuracy == 2 / 3
+
+
+def test_recorder_scores_are_the_router_similarities_and_bad_quantity_is_an_error():
+    from peft import get_peft_model
+
+    from peft_sparta import SpaRTAConfig, SpaRTALayer
+    from peft_sparta.continual import RoutingRecorder
+    from tests.conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), SpaRTAConfig(target_modules=["q_proj"], r_shared=2, r_task=4))
+    batch = torch.randint(0, 20, (3, 6))
+    model.train()
+    model(input_ids=batch)
+    model.eval()
+    layer = next(m for m in model.modules() if isinstance(m, SpaRTALayer))
+    with RoutingRecorder(model, quantity="scores") as recorder:
+        model(input_ids=batch)
+    scores = recorder.take()
+    query = model.base_model.routing_context.sequence_query
+    assert scores.shape == (3, 1) and torch.allclose(scores, layer.router_scores("default", query.unsqueeze(1))[:, 0])
+    assert (scores > 0.5).all(), "inputs score high against the prototypes built from them"
+    with pytest.raises(ValueError, match="quantity"):
+        RoutingRecorder(model, quantity="logits")

@@ -262,3 +262,50 @@ def test_gradient_checkpointing_and_generation_with_kv_cache(input_ids):
     train_steps(model, input_ids, steps=1)
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=4)
     assert out.shape == (2, 13)
+
+
+def _abstain_probe_inputs():
+    task_a, task_b = _two_task_inputs()
+    unrelated = torch.randint(40, 60, (4, 10), generator=torch.Generator().manual_seed(5))
+    return task_a, task_b, unrelated
+
+
+@pytest.mark.parametrize("r_shared", [2, 0])
+def test_router_abstains_on_inputs_near_no_task(r_shared):
+    """Inputs far from every task's prototypes get no task branch (base + shared only); task inputs still route."""
+    task_a, task_b, unrelated = _abstain_probe_inputs()
+    model = sparta(tiny_llama(), r_shared=r_shared, task_names=["a"], router_abstain_threshold=0.6)
+    train_steps(model, task_a, steps=2, lr=5e-2)
+    model.add_task("b")
+    train_steps(model, task_b, steps=2, lr=5e-2)
+    layer = sparta_layers(model)[0]
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
+    for expected, batch in enumerate([task_a, task_b, unrelated]):
+        model(input_ids=batch)
+        gates = layer.router_gates("default", captured["x"]).flatten(0, -2)
+        if expected < 2:
+            assert (gates.argmax(-1) == expected).all() and (gates.amax(-1) > 0.99).all()
+        else:
+            assert torch.equal(gates, torch.zeros_like(gates)), "unrelated inputs abstain"
+    hook.remove()
+    abstaining = logits(model, unrelated)
+    model.peft_config["default"].router_abstain_threshold = None
+    assert not torch.allclose(logits(model, unrelated), abstaining), "without abstention a task branch acts"
+    for layer in sparta_layers(model):
+        for b in layer.sparta_B_task["default"]:
+            torch.nn.init.zeros_(b)
+    torch.testing.assert_close(abstaining, logits(model, unrelated), atol=1e-6, rtol=1e-6)
+    if r_shared == 0:
+        with model.disable_adapter():
+            assert torch.equal(abstaining, logits(model, unrelated)), "no shared branch: exactly the base model"
+
+
+def test_router_abstains_with_a_single_task():
+    task_a, _, unrelated = _abstain_probe_inputs()
+    model = sparta(tiny_llama(), r_shared=0, task_names=["a"], router_abstain_threshold=0.6)
+    train_steps(model, task_a, steps=2, lr=5e-2)
+    with model.disable_adapter():
+        base_unrelated, base_task = logits(model, unrelated), logits(model, task_a)
+    assert torch.equal(logits(model, unrelated), base_unrelated)
+    assert not torch.allclose(logits(model, task_a), base_task), "the task's own inputs use its branch"

@@ -27,6 +27,9 @@ INVALID = {
     "router_temperature": st.floats(max_value=0),
     "router_prototypes": st.integers(max_value=0),
     "top_k": st.integers(max_value=0),
+    "router_abstain_threshold": st.one_of(
+        st.floats(min_value=1.0, exclude_min=True), st.floats(max_value=-1.0, exclude_max=True), st.text(max_size=3)
+    ),
     "orth_lambda": st.floats(max_value=-1e-9),
     "orth_norm": st.text(max_size=4).filter(lambda s: s not in ("fro", "l1")),
     "router_lambda": st.floats(max_value=-1e-9),
@@ -70,6 +73,7 @@ valid_configs = st.fixed_dictionaries(
         "router_dim": st.one_of(st.none(), st.integers(1, 8)),
         "router_prototypes": st.integers(1, 3),
         "top_k": st.one_of(st.none(), st.integers(1, 3)),
+        "router_abstain_threshold": st.one_of(st.none(), st.floats(-1.0, 1.0)),
         "orth_norm": st.sampled_from(["fro", "l1"]),
         "shared_update": st.sampled_from(["train", "freeze_after_first"]),
         "task_names": st.lists(st.sampled_from("abcd"), min_size=1, max_size=3, unique=True),

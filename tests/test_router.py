@@ -57,3 +57,11 @@ def test_router_loss_pulls_keys_to_their_task():
         loss.backward()
         optimizer.step()
     assert (router.key_scores(queries_b, keys.detach()).argmax(-1) == 1).all()
+
+
+def test_gates_abstain_below_the_threshold_and_are_unchanged_above():
+    scores = torch.tensor([[0.95, 0.20], [0.50, 0.40], [0.30, 0.91]])
+    plain = router.gates_from_scores(scores, 0.1, None)
+    gates = router.gates_from_scores(scores, 0.1, None, abstain_threshold=0.9)
+    assert torch.equal(gates[[0, 2]], plain[[0, 2]])
+    assert torch.equal(gates[1], torch.zeros(2))
