@@ -79,8 +79,10 @@ class SpaRTAConfig(PeftConfig):
             At inference, an input whose best cosine similarity to every task (its prototypes, key or singular
             directions) is below this value goes to no task branch: only the base model and the shared branch act on
             it, which keeps text that resembles no trained task close to the base model. None routes every input to
-            some task. Measured on SmolLM2's input embeddings: test prompts of the trained tasks score 0.94-1.0 to
-            their own task, unrelated everyday sentences at most 0.82, so 0.9 separates them there.
+            some task. The right value depends on the data: on the SmolLM2 suite test prompts score 0.94-1.0 to their
+            own task and unrelated everyday sentences at most 0.82 (0.9 separates them); on the MiniLM suite task
+            inputs score down to 0.74 and unrelated sentences up to 0.82 (no value separates them). Measure yours
+            with `peft_sparta.continual.RoutingRecorder(model, quantity="scores")`.
         orth_lambda (`float`, *optional*, defaults to `0.5`):
             Weight of the orthogonality loss between the current task branch, the shared branch and old branches.
         orth_norm (`str`, *optional*, defaults to `"fro"`):
