@@ -187,6 +187,38 @@ def test_load_across_dtypes_and_low_cpu_mem_usage(saved, input_ids, kwargs):
         assert torch.allclose(half(input_ids=input_ids).logits.float(), expected, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adapter_moves_between_cpu_and_cuda(saved, tmp_path, input_ids):
+    """Saved on CPU, loaded onto CUDA (device_map) and trained there, saved again, loaded back on CPU: every tensor
+    lands on the model's device and the CUDA-trained adapter reloads on CPU to the same weights."""
+    from safetensors.torch import load_file
+
+    model, folder = saved
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = type(tiny_llama()).from_pretrained(tmp_path / "base", device_map="cuda")
+    on_gpu = PeftModel.from_pretrained(base, folder, is_trainable=True)
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+    assert {b.device.type for b in on_gpu.buffers()} == {"cuda"}
+    on_gpu.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(input_ids=input_ids.cuda()).logits.cpu(), expected, atol=1e-4, rtol=1e-4)
+    on_gpu.add_task("d")
+    on_gpu.train()
+    ids = input_ids.cuda()
+    on_gpu(input_ids=ids, labels=ids).loss.backward()
+    on_gpu.save_pretrained(tmp_path / "from_gpu")
+    back = PeftModel.from_pretrained(tiny_llama(), tmp_path / "from_gpu")
+    saved_weights = load_file(tmp_path / "from_gpu" / "adapter_model.safetensors")
+    loaded = {k: v for k, v in back.state_dict().items() if "sparta_" in k}
+    assert len(loaded) == len(saved_weights) and all(v.device.type == "cpu" for v in loaded.values())
+    for key, value in saved_weights.items():
+        match = [v for k, v in loaded.items() if k.replace(".default", "") == key]
+        assert len(match) == 1 and torch.equal(match[0], value), key
+
+
 def test_load_into_a_base_model_loaded_with_device_map(saved, tmp_path, input_ids):
     model, folder = saved
     model.eval()
