@@ -5,8 +5,8 @@ to exactly the model it trained.
 Each task is one training job, the way continual runs chain on a cluster: task "a" trains a new adapter; task "b"
 loads it into a fresh base model, adds its branch and trains on. (accelerate on CPU always prepares DDP, whatever
 FSDP plugin it is given, so FSDP is exercised through torch's own wrapper, which accelerate uses on GPUs.)
-ZeRO-3 partitions every parameter, however small (persistence threshold 0), so the adapter's branches, router state
-and the regularizers computed after the forward are all exercised in partitioned form.
+ZeRO-3 partitions every parameter, however small (persistence threshold 0), so the adapter's branches, and the
+orthogonality penalty that reads them after the forward, are exercised in partitioned form.
 """
 
 from __future__ import annotations
