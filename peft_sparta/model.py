@@ -159,11 +159,11 @@ class SpaRTAModel(BaseTuner):
             context.clear()
             return None
         batch, length = token_ids.shape[:2]
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > length:
-            if context.sequence_query is not None and context.sequence_query.shape[0] == batch:
-                # a decode step with a KV cache: keep routing as decided at prefill
-                context.token_mask = None
-                return None
+        query = context.sequence_query
+        if query is not None and query.shape[0] == batch and _extends_cached_sequence(kwargs, length):
+            # a decode step: keep routing as decided from the prompt at prefill
+            context.token_mask = None
+            return None
         valid = torch.ones(batch, length, dtype=torch.bool, device=token_ids.device)
         if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
             valid = attention_mask.bool()
@@ -308,6 +308,19 @@ class SpaRTAModel(BaseTuner):
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         _check_checkpoint(expected, remapped, config, adapter_name)
         return remapped
+
+
+def _extends_cached_sequence(kwargs: dict, length: int) -> bool:
+    """Whether a forward continues a sequence whose earlier tokens sit in a KV cache (a generation decode step).
+
+    The attention mask, when given, is longer than the new tokens; transformers drops an all-ones mask, so a cache
+    that already holds tokens says the same."""
+    attention_mask = kwargs.get("attention_mask")
+    if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and attention_mask.shape[1] > length:
+        return True
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cached_length = getattr(cache, "get_seq_length", None)
+    return cached_length is not None and cached_length() > 0
 
 
 def _is_quantized(layer: nn.Module) -> bool:

@@ -264,6 +264,27 @@ def test_gradient_checkpointing_and_generation_with_kv_cache(input_ids):
     assert out.shape == (2, 13)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_generation_routes_every_decode_step_by_the_prompt(padded):
+    """Decode steps keep the prefill's routing, with or without an attention mask (transformers drops an all-ones
+    one): a step's single new token never re-routes the sequence."""
+    task_a, task_b = _two_task_inputs()
+    model = sparta(tiny_llama(), task_names=["a"])
+    train_steps(model, task_a, steps=1)
+    model.add_task("b")
+    train_steps(model, task_b, steps=1)
+    prompts = torch.cat([task_a[:1], task_b[:1]])
+    mask = torch.ones_like(prompts)
+    if padded:
+        mask[0, :3] = 0
+    queries = []
+    context = model.base_model.routing_context
+    hook = sparta_layers(model)[0].register_forward_pre_hook(lambda *_: queries.append(context.sequence_query))
+    model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    hook.remove()
+    assert len(queries) == 4 and all(query is queries[0] for query in queries)
+
+
 def _abstain_probe_inputs():
     task_a, task_b = _two_task_inputs()
     unrelated = torch.randint(40, 60, (4, 10), generator=torch.Generator().manual_seed(5))
