@@ -488,3 +488,8 @@ def _orthonormal_complement(rows: torch.Tensor, count: int) -> torch.Tensor:
         candidates = candidates - (candidates @ basis) @ basis.T
     orthonormal, _ = torch.linalg.qr(candidates.T)
     return torch.cat([orthonormal.T, F.normalize(candidates[orthonormal.shape[1] :], dim=-1)])
+
+
+def sparta_layers(module: nn.Module) -> list[SpaRTALayer]:
+    """Every SpaRTA layer inside ``module``, in module order."""
+    return [child for child in module.modules() if isinstance(child, SpaRTALayer)]

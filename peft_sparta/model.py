@@ -310,6 +310,17 @@ class SpaRTAModel(BaseTuner):
         return remapped
 
 
+def find_sparta_tuner(model: nn.Module) -> Optional[SpaRTAModel]:
+    """The `SpaRTAModel` tuner of ``model``: the tuner itself, a PeftModel holding it, or either wrapped by DDP,
+    accelerate or DeepSpeed (``.module``); None when there is none."""
+    for candidate in (model, getattr(model, "module", None)):
+        if isinstance(candidate, SpaRTAModel):
+            return candidate
+        if isinstance(getattr(candidate, "base_model", None), SpaRTAModel):
+            return candidate.base_model
+    return None
+
+
 def _extends_cached_sequence(kwargs: dict, length: int) -> bool:
     """Whether a forward continues a sequence whose earlier tokens sit in a KV cache (a generation decode step).
 

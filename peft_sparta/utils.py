@@ -1,0 +1,23 @@
+"""Small helpers shared by the tuner, the routers and the continual-learning tools."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``values`` (batch, positions, features) over the positions where ``mask`` (batch, positions) is true,
+    in fp32; every position counts when ``mask`` is None, and a row without any masked position gives zeros."""
+    values = values.float()
+    if mask is None:
+        return values.mean(dim=1)
+    weights = mask.to(values.device, torch.float32).unsqueeze(-1)
+    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (where its inputs must go)."""
+    return next(module.parameters()).device
