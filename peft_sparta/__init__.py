@@ -7,9 +7,9 @@ must `import peft_sparta` first: PEFT has no plugin discovery and otherwise fail
 
 from __future__ import annotations
 
-from . import integration
+from . import hub
 from .config import SpaRTAConfig
-from .integration import SpaRTALoadError
+from .errors import SpaRTALoadError
 from .layer import Linear, SpaRTALayer
 from .model import SpaRTAModel
 from .registration import PEFT_TYPE_SPARTA, register_sparta
@@ -18,7 +18,7 @@ from .registration import PEFT_TYPE_SPARTA, register_sparta
 __version__ = "0.1.0.dev0"
 
 register_sparta(SpaRTAConfig, SpaRTAModel)
-integration.install()
+hub.install()
 
 __all__ = [
     "PEFT_TYPE_SPARTA",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
 
@@ -11,15 +13,14 @@ from .registration import PEFT_TYPE_SPARTA
 
 
 #: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-ROUTERS = ("prototype", "learned", "spectral")
-GRANULARITIES = ("auto", "token", "sequence")
-INIT_WEIGHTS = (True, False, "spectral")
-ORTH_NORMS = ("fro", "l1")
-SHARED_UPDATES = ("train", "freeze_after_first")
-KERNEL_BACKENDS = (None, "eager", "torch", "triton")
-BIASES = ("none", "all", "sparta_only")
+RouterName = Literal["prototype", "learned", "spectral"]
+Granularity = Literal["auto", "token", "sequence"]
+OrthNorm = Literal["fro", "l1"]
+SharedUpdate = Literal["train", "freeze_after_first"]
+KernelBackend = Literal["auto", "eager", "torch", "triton"]
+Bias = Literal["none", "all", "sparta_only"]
 
 
 @dataclass
@@ -71,18 +72,16 @@ class SpaRTAConfig(PeftConfig):
             Softmax temperature over the tasks' best cosine similarities.
         router_prototypes (`int`, *optional*, defaults to `16`):
             Prototypes per task (online k-means centroids of the task's queries; singular vectors for "spectral").
-            Measured: 16 route as well as 4 on the offline suites and better where every input shares long
-            boilerplate (routing accuracy 0.91 against 0.76 with 4).
+            The README's benchmark section shows how the number of prototypes affects routing.
         top_k (`int`, *optional*):
             Compute only the k best task branches per input at inference; None mixes all tasks.
         router_abstain_threshold (`float`, *optional*):
             At inference, an input whose best cosine similarity to every task (its prototypes, key or singular
             directions) is below this value goes to no task branch: only the base model and the shared branch act on
             it, which keeps text that resembles no trained task close to the base model. None routes every input to
-            some task. The right value depends on the data: on the SmolLM2 suite test prompts score 0.94-1.0 to their
-            own task and unrelated everyday sentences at most 0.82 (0.9 separates them); on the MiniLM suite task
-            inputs score down to 0.74 and unrelated sentences up to 0.82 (no value separates them). Measure yours
-            with `peft_sparta.continual.RoutingRecorder(model, quantity="scores")`.
+            some task. The right value depends on the data: measure your tasks' scores and those of text that should
+            abstain with `peft_sparta.continual.RoutingRecorder(model, quantity="scores")` (README: "Inputs that
+            resemble no task").
         orth_lambda (`float`, *optional*, defaults to `0.5`):
             Weight of the orthogonality loss between the current task branch, the shared branch and old branches.
         orth_norm (`str`, *optional*, defaults to `"fro"`):
@@ -91,12 +90,12 @@ class SpaRTAConfig(PeftConfig):
             Weight of the router loss (learned router only).
         kernel_backend (`str`, *optional*):
             "eager", "torch" or "triton" forces an implementation of the adapter computation (for debugging); None
-            uses the env var SPARTA_KERNEL_BACKEND if set, else Triton on CUDA when installed, else the fused torch path.
+            or "auto" uses the env var SPARTA_KERNEL_BACKEND if set, else Triton on CUDA when installed, else the
+            fused torch path.
         shared_update (`str`, *optional*, defaults to `"freeze_after_first"`):
-            "freeze_after_first": the shared branch trains with the first task and is frozen by the first `add_task`
-            (measured: on the SmolLM2 instruction suite, training it on every task drifted the outputs of old tasks
-            whose branches were frozen and correctly routed, BWT -0.35 against -0.02); "train": it trains on every
-            task.
+            "freeze_after_first": the shared branch trains with the first task and is frozen by the first `add_task`,
+            so that later tasks cannot drift the outputs of old tasks through it (the README's ablations measure the
+            difference); "train": it trains on every task.
         task_names (`list[str]`, *optional*):
             Names of the tasks, in order; the last one is the task being trained. Defaults to `["task_0"]`.
             Maintained by `add_task` and saved with the adapter.
@@ -133,8 +132,8 @@ class SpaRTAConfig(PeftConfig):
             "weight's singular vectors, branches exactly orthogonal. False: random non-zero B (tests only)."
         },
     )
-    router: str = field(default="prototype", metadata={"help": "Router: 'prototype', 'learned' or 'spectral'."})
-    router_granularity: str = field(
+    router: RouterName = field(default="prototype", metadata={"help": "Router: 'prototype', 'learned' or 'spectral'."})
+    router_granularity: Granularity = field(
         default="auto", metadata={"help": "Routing granularity: 'auto', 'token' or 'sequence'."}
     )
     router_dim: Optional[int] = field(
@@ -153,16 +152,16 @@ class SpaRTAConfig(PeftConfig):
         },
     )
     orth_lambda: float = field(default=0.5, metadata={"help": "Weight of the orthogonality loss."})
-    orth_norm: str = field(default="fro", metadata={"help": "Orthogonality norm: 'fro' or 'l1'."})
+    orth_norm: OrthNorm = field(default="fro", metadata={"help": "Orthogonality norm: 'fro' or 'l1'."})
     router_lambda: float = field(default=0.1, metadata={"help": "Weight of the router loss (learned router)."})
-    kernel_backend: Optional[str] = field(
+    kernel_backend: Optional[KernelBackend] = field(
         default=None,
         metadata={
             "help": "Adapter computation: 'eager' (per-branch reference), 'torch' (fused Function), 'triton' (fused, "
             "CUDA); None picks the env var SPARTA_KERNEL_BACKEND, else triton on CUDA when installed, else torch."
         },
     )
-    shared_update: str = field(
+    shared_update: SharedUpdate = field(
         default="freeze_after_first",
         metadata={"help": "Shared branch across tasks: 'freeze_after_first' (trained with the first task) or 'train'."},
     )
@@ -172,7 +171,7 @@ class SpaRTAConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules apart from the adapter layers to train and save."}
     )
-    bias: str = field(default="none", metadata={"help": "Trained biases: 'none', 'all' or 'sparta_only'."})
+    bias: Bias = field(default="none", metadata={"help": "Trained biases: 'none', 'all' or 'sparta_only'."})
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format, written automatically."}
     )
@@ -194,9 +193,9 @@ class SpaRTAConfig(PeftConfig):
         _check_positive("alpha_task", self.alpha_task)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}.")
-        _check_choice("init_weights", self.init_weights, INIT_WEIGHTS)
-        _check_choice("router", self.router, ROUTERS)
-        _check_choice("router_granularity", self.router_granularity, GRANULARITIES)
+        _check_choice("init_weights", self.init_weights, (True, False, "spectral"))
+        _check_choice("router", self.router, get_args(RouterName))
+        _check_choice("router_granularity", self.router_granularity, get_args(Granularity))
         if self.router == "spectral" and self.router_granularity == "sequence":
             raise ValueError(
                 "router_granularity='sequence' cannot be used with router='spectral': the spectral router scores each "
@@ -211,11 +210,11 @@ class SpaRTAConfig(PeftConfig):
         if self.router_abstain_threshold is not None:
             _check_cosine("router_abstain_threshold", self.router_abstain_threshold)
         _check_non_negative("orth_lambda", self.orth_lambda)
-        _check_choice("orth_norm", self.orth_norm, ORTH_NORMS)
+        _check_choice("orth_norm", self.orth_norm, get_args(OrthNorm))
         _check_non_negative("router_lambda", self.router_lambda)
-        _check_choice("shared_update", self.shared_update, SHARED_UPDATES)
-        _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        _check_choice("bias", self.bias, BIASES)
+        _check_choice("shared_update", self.shared_update, get_args(SharedUpdate))
+        _check_choice("kernel_backend", self.kernel_backend, (None, *get_args(KernelBackend)))
+        _check_choice("bias", self.bias, get_args(Bias))
         self._validate_task_names()
         _check_int("format_version", self.format_version, minimum=1)
         if self.format_version > FORMAT_VERSION:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import re
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -17,12 +16,18 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import SpaRTAConfig
-from .integration import SpaRTALoadError
-from .layer import Linear, SpaRTALayer
-from .router import RoutingContext
+from .errors import SpaRTALoadError
+from .layer import Linear, SpaRTALayer, sparta_layers
+from .routers import RoutingContext
+from .utils import module_device
 
 
-IGNORE_INDEX = -100
+#: Checkpoint keys of the router state in format version 1, and their names since the routers own their state.
+_VERSION_1_ROUTER_KEYS = {
+    ".sparta_prototypes": ".sparta_router.prototypes",
+    ".sparta_prototype_counts": ".sparta_router.counts",
+    ".sparta_router_keys.": ".sparta_router.keys.",
+}
 
 
 class SpaRTAModel(BaseTuner):
@@ -149,53 +154,15 @@ class SpaRTAModel(BaseTuner):
 
     def _routing_pre_hook(self, module, args, kwargs):
         """Compute, once per forward, the sequence query and the prompt mask that the layers route with."""
-        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        inputs_embeds = kwargs.get("inputs_embeds")
-        attention_mask = kwargs.get("attention_mask")
-        labels = kwargs.get("labels")
-        context = self.routing_context
-        token_ids = input_ids if input_ids is not None else inputs_embeds
-        if token_ids is None or token_ids.dim() < 2:
-            context.clear()
-            return None
-        batch, length = token_ids.shape[:2]
-        query = context.sequence_query
-        if query is not None and query.shape[0] == batch and _extends_cached_sequence(kwargs, length):
-            # a decode step: keep routing as decided from the prompt at prefill
-            context.token_mask = None
-            return None
-        valid = torch.ones(batch, length, dtype=torch.bool, device=token_ids.device)
-        if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
-            valid = attention_mask.bool()
-        context.token_mask = self._prompt_mask(valid, labels)
-        context.sequence_query = self._sequence_query(input_ids, inputs_embeds, context.token_mask)
+        self.routing_context.begin_forward(args, kwargs, self._input_embeddings(), self._needs_sequence_query())
         return None
-
-    @staticmethod
-    def _prompt_mask(valid: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """Positions whose queries describe the input: with token labels, the prompt part (label -100) only, since
-        test inputs carry no answer; rows without such a part, and inputs without token labels, use every position."""
-        if labels is None or tuple(labels.shape) != tuple(valid.shape):
-            return valid
-        prompt = valid & (labels == IGNORE_INDEX)
-        has_prompt = prompt.any(dim=1, keepdim=True)
-        return torch.where(has_prompt, prompt, valid)
-
-    def _sequence_query(self, input_ids, inputs_embeds, mask: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self._needs_sequence_query():
-            return None
-        with torch.no_grad():
-            if inputs_embeds is None:
-                inputs_embeds = self._input_embeddings()(input_ids)
-            weights = mask.to(inputs_embeds.device, torch.float32).unsqueeze(-1)
-            summed = (inputs_embeds.float() * weights).sum(dim=1)
-            return summed / weights.sum(dim=1).clamp(min=1.0)
 
     def _needs_sequence_query(self) -> bool:
         return any(
-            layer.granularity.get(name) == "sequence"
-            for layer in self._sparta_layers()
+            layer.sparta_router[name].granularity == "sequence"
+            for layer in sparta_layers(self.model)
             for name in layer.active_adapters
+            if name in layer.sparta_router
         )
 
     def _regularization_hook(self, module, args, kwargs, output):
@@ -210,26 +177,23 @@ class SpaRTAModel(BaseTuner):
 
     # ---- regularizers ------------------------------------------------------------------------------------------------
 
-    def _sparta_layers(self):
-        return [module for module in self.model.modules() if isinstance(module, SpaRTALayer)]
-
     def regularization_losses(self) -> dict[str, torch.Tensor]:
-        """The unweighted orthogonality and router losses of the active adapters, summed over adapted layers.
+        """The weighted orthogonality and router losses of the active adapters, summed over adapted layers.
 
         The router loss is the one of the last training forward (learned router); both are 0 when not applicable.
+        Reading them changes nothing.
         """
-        orth, router = [], []
-        for layer in self._sparta_layers():
+        orth = []
+        for layer in sparta_layers(self.model):
             for name in layer.active_adapters:
-                if name not in layer.sparta_A_task:
+                if name not in layer.sparta_A_task or self.peft_config[name].orth_lambda == 0:
                     continue
                 config = self.peft_config[name]
-                penalty = layer.orthogonality_loss(name) if config.orth_lambda > 0 else None
+                penalty = layer.orthogonality_loss(name)
                 if penalty is not None:
                     orth.append(config.orth_lambda * penalty)
-                if name in layer.last_router_loss:
-                    router.append(config.router_lambda * layer.last_router_loss.pop(name))
-        zero = torch.zeros((), device=self._reference_device())
+        router = self.routing_context.router_losses
+        zero = torch.zeros((), device=module_device(self.model))
         return {
             "orthogonality": torch.stack(orth).sum() if orth else zero,
             "router": torch.stack(router).sum() if router else zero,
@@ -240,9 +204,6 @@ class SpaRTAModel(BaseTuner):
         losses = self.regularization_losses()
         self.last_regularization = {name: value.detach() for name, value in losses.items()}
         return sum(losses.values())
-
-    def _reference_device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     # ---- continual API -----------------------------------------------------------------------------------------------
 
@@ -274,7 +235,7 @@ class SpaRTAModel(BaseTuner):
             raise ValueError(f"A task name must be a non-empty string, got {task_name!r}.")
         if task_name in config.task_names:
             raise ValueError(f"Task '{task_name}' already exists in adapter '{adapter_name}': {config.task_names}.")
-        layers = [layer for layer in self._sparta_layers() if adapter_name in layer.sparta_A_task]
+        layers = [layer for layer in sparta_layers(self.model) if adapter_name in layer.sparta_A_task]
         if any(layer.merged for layer in layers):
             raise ValueError("Cannot add a task while the adapter is merged; call unmerge_adapter() first.")
         for layer in layers:
@@ -288,7 +249,7 @@ class SpaRTAModel(BaseTuner):
         if task_name is not None and task_name not in names:
             raise ValueError(f"Unknown task '{task_name}' for adapter '{adapter_name}'; known tasks: {names}.")
         index = None if task_name is None else names.index(task_name)
-        for layer in self._sparta_layers():
+        for layer in sparta_layers(self.model):
             if adapter_name in layer.forced_task:
                 layer.forced_task[adapter_name] = index
 
@@ -301,8 +262,18 @@ class SpaRTAModel(BaseTuner):
         )
 
     @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: PEFT's rule, plus the routers' nested state (``sparta_router.<adapter>.keys.0``
+        is saved as ``sparta_router.keys.0``)."""
+        nested = f".sparta_router.{adapter_name}."
+        if nested in key:
+            return key.replace(nested, ".sparta_router.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Map checkpoint keys to the model's and check them: every branch of every task present, shapes equal."""
+        state_dict = {_current_key(key): value for key, value in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
@@ -311,27 +282,26 @@ class SpaRTAModel(BaseTuner):
 
 
 def find_sparta_tuner(model: nn.Module) -> Optional[SpaRTAModel]:
-    """The `SpaRTAModel` tuner of ``model``: the tuner itself, a PeftModel holding it, or either wrapped by DDP,
-    accelerate or DeepSpeed (``.module``); None when there is none."""
+    """The `SpaRTAModel` tuner of ``model``: the tuner itself, a PeftModel holding it, either wrapped by DDP,
+    accelerate or DeepSpeed (``.module``), or the base model it was injected into (found by its routing hook); None
+    when there is none."""
     for candidate in (model, getattr(model, "module", None)):
         if isinstance(candidate, SpaRTAModel):
             return candidate
         if isinstance(getattr(candidate, "base_model", None), SpaRTAModel):
             return candidate.base_model
+    for hook in getattr(model, "_forward_pre_hooks", {}).values():
+        if isinstance(getattr(hook, "__self__", None), SpaRTAModel):
+            return hook.__self__
     return None
 
 
-def _extends_cached_sequence(kwargs: dict, length: int) -> bool:
-    """Whether a forward continues a sequence whose earlier tokens sit in a KV cache (a generation decode step).
-
-    The attention mask, when given, is longer than the new tokens; transformers drops an all-ones mask, so a cache
-    that already holds tokens says the same."""
-    attention_mask = kwargs.get("attention_mask")
-    if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and attention_mask.shape[1] > length:
-        return True
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    cached_length = getattr(cache, "get_seq_length", None)
-    return cached_length is not None and cached_length() > 0
+def _current_key(key: str) -> str:
+    """The name a checkpoint key of an older format version has today."""
+    for old, new in _VERSION_1_ROUTER_KEYS.items():
+        if old in key:
+            return key.replace(old, new)
+    return key
 
 
 def _is_quantized(layer: nn.Module) -> bool:

@@ -121,7 +121,7 @@ def test_add_task_freezes_previous_task_under_optimizer_step(input_ids, shared_u
     shared_changed = any("_shared." in n for n in changed)
     assert shared_changed == (shared_update == "train")
     for layer in sparta_layers(model):
-        assert layer.sparta_prototype_counts["default"].shape[0] == 2
+        assert layer.sparta_router["default"].counts.shape[0] == 2
 
 
 def test_task_name_errors(input_ids):

@@ -41,9 +41,9 @@ def test_multi_task_round_trip_is_bit_identical(tmp_path, input_ids, dtype, rout
     for part in ["sparta_A_shared", "sparta_B_shared", "sparta_A_task.2", "sparta_B_task.0"]:
         assert any(part in key for key in keys), part
     if router == "prototype":
-        assert any("sparta_prototypes" in key for key in keys)
+        assert any("sparta_router.prototypes" in key for key in keys)
     if router == "learned":
-        assert any("sparta_router_keys.2" in key for key in keys)
+        assert any("sparta_router.keys.2" in key for key in keys)
 
     loaded = PeftModel.from_pretrained(tiny_llama(dtype=dtype), tmp_path)
     loaded.eval()
@@ -78,5 +78,39 @@ def test_auto_peft_model_for_causal_lm(tmp_path, input_ids):
         expected = model(input_ids=input_ids).logits
     model.save_pretrained(tmp_path / "adapter")
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=input_ids).logits, expected)
+
+
+@pytest.mark.parametrize("router", ["prototype", "learned"])
+def test_format_version_1_files_load_to_the_same_outputs(tmp_path, input_ids, router):
+    """Version 1 kept the router state in layer-level containers (sparta_prototypes, sparta_prototype_counts,
+    sparta_router_keys); a file written then must load into today's routers unchanged."""
+    from safetensors.torch import save_file
+
+    model = three_task_model(router=router)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    old_names = {
+        ".sparta_router.prototypes": ".sparta_prototypes",
+        ".sparta_router.counts": ".sparta_prototype_counts",
+        ".sparta_router.keys.": ".sparta_router_keys.",
+    }
+    renamed = {}
+    for key, value in weights.items():
+        for new, old in old_names.items():
+            key = key.replace(new, old)
+        renamed[key] = value
+    assert any(old in key for key in renamed for old in old_names.values())
+    save_file(renamed, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["format_version"] = 1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=input_ids).logits, expected)

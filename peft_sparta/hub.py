@@ -12,15 +12,13 @@ import os
 from huggingface_hub import ModelCard
 from peft import PeftModel
 
+from .errors import SpaRTALoadError
+from .model import find_sparta_tuner
 from .registration import PEFT_TYPE_SPARTA
 
 
 MODEL_CARD_TAGS = ("sparta", "continual-learning")
 MODEL_CARD_HEADING = "## SpaRTA adapter"
-
-
-class SpaRTALoadError(ValueError):
-    """A SpaRTA adapter could not be loaded; the model was left as it was before the call."""
 
 
 def _is_sparta(config) -> bool:
@@ -113,23 +111,13 @@ def _wrap_from_pretrained(original):
         try:
             return original.__func__(cls, model, model_id, *args, **kwargs)
         except Exception as error:
-            tuner = _sparta_tuner_of(model)
+            tuner = find_sparta_tuner(model)
             if tuner is None:
                 raise
             tuner.unload()
             raise _load_error(error, model_id) from error
 
     return classmethod(from_pretrained)
-
-
-def _sparta_tuner_of(model):
-    """The SpaRTA tuner injected into ``model``, found through the routing hook it registers."""
-    from .model import SpaRTAModel
-
-    for hook in model._forward_pre_hooks.values():
-        if isinstance(getattr(hook, "__self__", None), SpaRTAModel):
-            return hook.__self__
-    return None
 
 
 def _load_error(error: Exception, model_id) -> SpaRTALoadError:

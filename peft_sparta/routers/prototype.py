@@ -1,36 +1,44 @@
-"""Routing functions of SpaRTA: scores of each task for each query, gates, and the router state updates.
-
-Queries and prototypes are compared by cosine similarity; a task's score is its best similarity over its
-prototypes, and the gates are a softmax over tasks of score / temperature, optionally restricted to the top k.
-"""
+"""The prototype router (default): parameter-free, each task's prototypes are online k-means centroids of the queries
+of its training inputs' prompt part, frozen once the task is over."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import distributed as dist
 from torch.nn import functional as F
+
+from .base import Branches, Router
+from .context import RoutingContext
 
 
 #: Score of a task that has no prototype yet: below any cosine similarity, so it never wins against a real task.
 EMPTY_TASK_SCORE = -2.0
 
 
-@dataclass
-class RoutingContext:
-    """Per-forward information computed once by the model and read by every SpaRTA layer.
+class PrototypeRouter(Router):
+    """Scores a query by its best cosine similarity to each task's prototypes.
 
-    sequence_query: (batch, dim) masked mean of the input embeddings, for sequence routing.
-    token_mask: (batch, seq) bool, positions whose queries build the router state in training (the prompt part).
+    State (persistent buffers, saved with the adapter): ``prototypes`` (tasks, P, d) and ``counts`` (tasks, P), the
+    number of training queries each prototype averages (0: not seeded yet).
     """
 
-    sequence_query: torch.Tensor | None = None
-    token_mask: torch.Tensor | None = None
+    def __init__(self, config, granularity: str, source_dim: int) -> None:
+        super().__init__(config, granularity, source_dim)
+        self.register_buffer("prototypes", torch.zeros(0, config.router_prototypes, self.query_dim))
+        self.register_buffer("counts", torch.zeros(0, config.router_prototypes, dtype=torch.long))
 
-    def clear(self) -> None:
-        self.sequence_query = None
-        self.token_mask = None
+    def scores(self, queries: torch.Tensor, branches: Branches) -> torch.Tensor:
+        return prototype_scores(queries, self.prototypes, self.counts)
+
+    def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> None:
+        queries = self.state_queries(x, self.queries(x, context), context)
+        update_prototypes(self.prototypes[-1], self.counts[-1], queries)
+
+    def add_task(self) -> None:
+        self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, *self.prototypes.shape[1:])])
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(1, self.counts.shape[1])])
 
 
 def prototype_scores(queries: torch.Tensor, prototypes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -43,44 +51,6 @@ def prototype_scores(queries: torch.Tensor, prototypes: torch.Tensor, counts: to
     similarity = torch.einsum("...d,tpd->...tp", queries.float(), centroids)
     similarity = similarity.masked_fill(counts == 0, EMPTY_TASK_SCORE)
     return similarity.amax(dim=-1)
-
-
-def key_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each query (..., d) to each task key (tasks, d). Returns (..., tasks)."""
-    return queries.float() @ F.normalize(keys.float(), dim=-1).T
-
-
-def spectral_scores(queries: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Best |cosine| of each query (..., d) to each task's singular directions (tasks, P, d). Returns (..., tasks)."""
-    return torch.einsum("...d,tpd->...tp", queries.float(), directions.float()).abs().amax(dim=-1)
-
-
-def spectral_directions(a: torch.Tensor, b: torch.Tensor, count: int) -> torch.Tensor:
-    """Top ``count`` right singular vectors of ``b @ a`` (count, in), through the small (r x in) factor.
-
-    With b = Q R (thin QR), b a = Q (R a) and Q has orthonormal columns, so the right singular vectors of b a are
-    those of R a. Missing directions (count > r) are zero rows, which never win a max of |cosine|.
-    """
-    _, r_factor = torch.linalg.qr(b.float())
-    _, _, vh = torch.linalg.svd(r_factor @ a.float(), full_matrices=False)
-    directions = vh[:count]
-    if directions.shape[0] < count:
-        directions = F.pad(directions, (0, 0, 0, count - directions.shape[0]))
-    return directions
-
-
-def gates_from_scores(
-    scores: torch.Tensor, temperature: float, top_k: int | None, abstain_threshold: float | None = None
-) -> torch.Tensor:
-    """Softmax over tasks of scores / temperature; with top_k, zero outside the k best tasks and renormalise; with
-    abstain_threshold, zero gates for every query whose best score is below it (no task branch for that input)."""
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth_best = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth_best, float("-inf"))
-    gates = torch.softmax(scores / temperature, dim=-1)
-    if abstain_threshold is None:
-        return gates
-    return gates * (scores.amax(dim=-1, keepdim=True) >= abstain_threshold)
 
 
 @torch.no_grad()
@@ -134,14 +104,3 @@ def _gather_rows(rows: torch.Tensor, capacity: int) -> torch.Tensor:
     dist.all_gather(all_rows, padded)
     dist.all_gather(all_sizes, size)
     return torch.cat([block[: int(count)] for block, count in zip(all_rows, all_sizes)])
-
-
-def router_loss(queries: torch.Tensor, keys: torch.Tensor, task: int, temperature: float) -> torch.Tensor:
-    """Loss of the learned router on queries (N, d) of task ``task``.
-
-    Cross-entropy of the key scores to the current task (as SAPT and MoCL train their keys) plus 1 - cosine to the
-    task's own key, which keeps pulling the key to its task's inputs while it is the only task.
-    """
-    scores = key_scores(queries, keys)
-    target = torch.full((queries.shape[0],), task, dtype=torch.long, device=queries.device)
-    return F.cross_entropy(scores / temperature, target) + (1.0 - scores[:, task]).mean()

@@ -1,0 +1,41 @@
+"""SpaRTA's routers, one class per router (as LoRA's variants are): each owns its state, scores inputs per task and
+learns the current task in training; the layer calls the one `Router` interface.
+
+To add a router: subclass `Router`, implement `scores` (and `learn`/`add_task`/`frozen_parameters` if it has state),
+and add it to `ROUTERS` under the name `SpaRTAConfig.router` takes.
+"""
+
+from __future__ import annotations
+
+from .base import Branches, Router, gates_from_scores
+from .context import IGNORE_INDEX, RoutingContext, prompt_mask
+from .learned import LearnedRouter
+from .prototype import PrototypeRouter
+from .spectral import SpectralRouter
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "learned": LearnedRouter,
+    "prototype": PrototypeRouter,
+    "spectral": SpectralRouter,
+}
+
+
+def make_router(config, granularity: str, source_dim: int) -> Router:
+    """The router ``config.router`` names, for inputs of ``source_dim`` features routed per ``granularity``."""
+    return ROUTERS[config.router](config, granularity, source_dim)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ROUTERS",
+    "Branches",
+    "LearnedRouter",
+    "PrototypeRouter",
+    "Router",
+    "RoutingContext",
+    "SpectralRouter",
+    "gates_from_scores",
+    "make_router",
+    "prompt_mask",
+]

@@ -1,0 +1,146 @@
+"""The router interface: one router per adapter and adapted layer, owning its state and scoring inputs per task."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .context import RoutingContext
+
+
+#: The task branches of one adapter on one layer, as (A_k, B_k) pairs in task order.
+Branches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Router(nn.Module):
+    """Decides which task branches of one adapter act on an input, and builds each task's state while it trains.
+
+    Subclasses implement `scores` (each task's best cosine similarity to the query) and may override `learn` (what
+    a training forward of the current task teaches the router) and `add_task` (a new task slot; older state frozen).
+    The gates are a softmax over tasks of score / temperature, optionally restricted to the top k tasks and zeroed
+    for an input whose best score is under the abstain threshold.
+
+    ``config`` is read at every call (not copied), so settings changed on ``peft_config`` apply at once.
+    """
+
+    def __init__(self, config, granularity: str, source_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.granularity = granularity
+        projected = config.router_dim is not None and self.uses_projection
+        self.query_dim = config.router_dim if projected else source_dim
+        self.register_buffer(
+            "projection", random_projection(source_dim, config.router_dim) if projected else None, persistent=False
+        )
+
+    #: whether ``config.router_dim`` projects the queries (the spectral router compares raw layer inputs)
+    uses_projection = True
+
+    def queries(self, x: torch.Tensor, context: Optional[RoutingContext]) -> torch.Tensor:
+        """Unit-norm routing queries: (batch, 1.., d) for sequence routing, (..., d) per token otherwise."""
+        if self.granularity == "sequence":
+            query = _sequence_query(x, context)
+        else:
+            query = x.detach()
+        if self.projection is not None:
+            query = query.to(self.projection.dtype) @ self.projection
+        return F.normalize(query.float(), dim=-1)
+
+    def state_queries(self, x: torch.Tensor, queries: torch.Tensor, context: Optional[RoutingContext]):
+        """The queries (N, d) that build the current task's state: prompt positions only, when they are known."""
+        if self.granularity == "token" and context is not None and context.token_mask is not None:
+            mask = context.token_mask
+            if tuple(mask.shape) == tuple(x.shape[:-1]):
+                return queries[mask.to(queries.device)]
+        return queries.reshape(-1, queries.shape[-1])
+
+    def scores(self, queries: torch.Tensor, branches: Branches) -> torch.Tensor:
+        """Each task's score (..., tasks) for unit queries (..., d)."""
+        raise NotImplementedError
+
+    def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> Optional[torch.Tensor]:
+        """Teach the router the current (last) task from a training input; returns a loss to add, or None."""
+        return None
+
+    def add_task(self) -> None:
+        """Make room for a new task; the state of the earlier tasks stays as it is."""
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters of finished tasks, which must never train again."""
+        return []
+
+    def gates(self, scores: torch.Tensor) -> torch.Tensor:
+        """Gates (..., tasks) from scores under the configured temperature, top_k and abstain threshold."""
+        config = self.config
+        return gates_from_scores(scores, config.router_temperature, config.top_k, config.router_abstain_threshold)
+
+    def route(
+        self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches, training: bool
+    ) -> tuple[list[int], Optional[torch.Tensor]]:
+        """Which task branches to compute for ``x`` and their gates (None: each selected branch has gate 1).
+
+        In training the current task is routed to its own branch while the router learns it; at inference the
+        router decides per input, computing only the branches some input uses.
+        """
+        tasks = len(branches)
+        if training:
+            loss = self.learn(x, context, branches)
+            if loss is not None and context is not None:
+                context.router_losses.append(loss)
+            return [tasks - 1], None
+        if self._is_constant(tasks):
+            return [0], None
+        gates = self.decide(x, context, branches)
+        used = gates.reshape(-1, tasks).amax(dim=0).nonzero().flatten().tolist()
+        return used, gates[..., used]
+
+    def decide(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> torch.Tensor:
+        """The gates (..., tasks) the router gives ``x`` at inference, with no side effect."""
+        if self._is_constant(len(branches)):
+            return torch.ones(*x.shape[:-1], 1, device=x.device)
+        return self.gates(self.scores(self.queries(x, context), branches))
+
+    def _is_constant(self, tasks: int) -> bool:
+        """A single task without an abstain threshold: every input goes to it with gate 1."""
+        return tasks == 1 and self.config.router_abstain_threshold is None
+
+
+def gates_from_scores(
+    scores: torch.Tensor, temperature: float, top_k: Optional[int], abstain_threshold: Optional[float] = None
+) -> torch.Tensor:
+    """Softmax over tasks of scores / temperature; with top_k, zero outside the k best tasks and renormalise; with
+    abstain_threshold, zero gates for every query whose best score is below it (no task branch for that input)."""
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth_best = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    gates = torch.softmax(scores / temperature, dim=-1)
+    if abstain_threshold is None:
+        return gates
+    return gates * (scores.amax(dim=-1, keepdim=True) >= abstain_threshold)
+
+
+def random_projection(source_dim: int, target_dim: int) -> torch.Tensor:
+    """Frozen Gaussian projection, a function of the two sizes alone so that it is the same in every process."""
+    generator = torch.Generator().manual_seed(source_dim * 100_003 + target_dim)
+    return torch.randn(source_dim, target_dim, generator=generator) / math.sqrt(target_dim)
+
+
+def _sequence_query(x: torch.Tensor, context: Optional[RoutingContext]) -> torch.Tensor:
+    """The model's sequence query, shaped to broadcast over the layer input's positions."""
+    if context is None or context.sequence_query is None:
+        raise RuntimeError(
+            "Sequence routing needs the model's input (input_ids or inputs_embeds) to compute its query; call "
+            "the whole model, or set router_granularity='token'."
+        )
+    query = context.sequence_query
+    if x.dim() < 2 or x.shape[0] != query.shape[0]:
+        raise RuntimeError(
+            f"Sequence routing expects layer inputs of shape (batch, ..., features) with batch "
+            f"{query.shape[0]}, got {tuple(x.shape)}; use router_granularity='token' for this model."
+        )
+    return query.view(query.shape[0], *([1] * (x.dim() - 2)), query.shape[-1])

@@ -1,0 +1,86 @@
+"""What every SpaRTA layer of a model needs to route one forward: the sequence query, the prompt mask and the router
+losses of that forward, computed once per forward by the model's pre-hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..utils import masked_mean
+
+
+#: Label of the positions that carry no target (PyTorch's cross-entropy default, used by transformers and TRL).
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward information computed once by the model and read by every SpaRTA layer.
+
+    sequence_query: (batch, dim) masked mean of the input embeddings, for sequence routing.
+    token_mask: (batch, seq) bool, positions whose queries build the router state in training (the prompt part).
+    router_losses: the weighted router losses the layers computed in this forward (learned router, training).
+    """
+
+    sequence_query: Optional[torch.Tensor] = None
+    token_mask: Optional[torch.Tensor] = None
+    router_losses: list[torch.Tensor] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.sequence_query = None
+        self.token_mask = None
+        self.router_losses = []
+
+    def begin_forward(self, args: tuple, kwargs: dict, embeddings: Optional[nn.Embedding], sequence: bool) -> None:
+        """Set the context from a model call's arguments; ``sequence``: whether any layer routes per sequence.
+
+        A generation decode step keeps the sequence query decided from the prompt at prefill.
+        """
+        self.router_losses = []
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is None or tokens.dim() < 2:
+            self.clear()
+            return
+        batch, length = tokens.shape[:2]
+        query = self.sequence_query
+        if query is not None and query.shape[0] == batch and extends_cached_sequence(kwargs, length):
+            self.token_mask = None
+            return
+        valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
+            valid = attention_mask.bool()
+        self.token_mask = prompt_mask(valid, kwargs.get("labels"))
+        self.sequence_query = None
+        if sequence:
+            with torch.no_grad():
+                embedded = inputs_embeds if inputs_embeds is not None else embeddings(input_ids)
+                self.sequence_query = masked_mean(embedded, self.token_mask)
+
+
+def prompt_mask(valid: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """Positions whose queries describe the input: with token labels, the prompt part (label -100) only, since test
+    inputs carry no answer; rows without such a part, and inputs without token labels, use every valid position."""
+    if labels is None or tuple(labels.shape) != tuple(valid.shape):
+        return valid
+    prompt = valid & (labels == IGNORE_INDEX)
+    has_prompt = prompt.any(dim=1, keepdim=True)
+    return torch.where(has_prompt, prompt, valid)
+
+
+def extends_cached_sequence(kwargs: dict, length: int) -> bool:
+    """Whether a forward continues a sequence whose earlier tokens sit in a KV cache (a generation decode step).
+
+    The attention mask, when given, is longer than the new tokens; transformers drops an all-ones mask, so a cache
+    that already holds tokens says the same."""
+    attention_mask = kwargs.get("attention_mask")
+    if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and attention_mask.shape[1] > length:
+        return True
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cached_length = getattr(cache, "get_seq_length", None)
+    return cached_length is not None and cached_length() > 0
