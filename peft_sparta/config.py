@@ -15,6 +15,11 @@ from .registration import PEFT_TYPE_SPARTA
 #: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code.
 FORMAT_VERSION = 2
 
+#: Fields read at every forward, so that changing them on `peft_config` takes effect at once.
+RUN_TIME_FIELDS = frozenset(
+    ["router_temperature", "router_abstain_threshold", "top_k", "orth_lambda", "router_lambda", "dropout"]
+)
+
 RouterName = Literal["prototype", "learned", "spectral"]
 Granularity = Literal["auto", "token", "sequence"]
 OrthNorm = Literal["fro", "l1"]
@@ -183,8 +188,26 @@ class SpaRTAConfig(PeftConfig):
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
+        if isinstance(self.task_names, (str, bytes)):
+            raise ValueError(f"task_names must be a list of task names, got the string {self.task_names!r}.")
         self.task_names = list(self.task_names) if self.task_names is not None else ["task_0"]
         self._validate()
+        self.__dict__["_validated"] = True
+
+    def __setattr__(self, name: str, value) -> None:
+        """Store numbers of other libraries (numpy, torch scalars) as Python numbers, and validate the settings that
+        are read at run time (e.g. ``router_abstain_threshold``) when they are changed after construction; an invalid
+        value raises and the old one stays."""
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+            value = int(value) if isinstance(value, numbers.Integral) else float(value)
+        previous = self.__dict__.get(name)
+        super().__setattr__(name, value)
+        if name in RUN_TIME_FIELDS and self.__dict__.get("_validated"):
+            try:
+                self._validate()
+            except ValueError:
+                super().__setattr__(name, previous)
+                raise
 
     def _validate(self) -> None:
         _check_int("r_shared", self.r_shared, minimum=0)
@@ -238,14 +261,18 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
+def _is_finite_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+    if not _is_finite_number(value) or not value > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
 def _check_non_negative(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+    if not _is_finite_number(value) or not value >= 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
 
 
 def _check_cosine(name: str, value) -> None:

@@ -1,5 +1,5 @@
 """What SpaRTA adds to PEFT's `PeftModel` where PEFT offers no extension point: the model card written by
-`save_pretrained`/`push_to_hub`, and loading that fails cleanly.
+`save_pretrained`/`push_to_hub`, and loading that fails cleanly (a failed load puts the model back as it was).
 
 Each wrapper acts only on SpaRTA adapters and defers to PEFT's own method for every other method.
 """
@@ -7,16 +7,23 @@ Each wrapper acts only on SpaRTA adapters and defers to PEFT's own method for ev
 from __future__ import annotations
 
 import functools
+import json
 import os
+from typing import Optional
 
 from huggingface_hub import ModelCard
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
 
 from .errors import SpaRTALoadError
-from .model import find_sparta_tuner
+from .layer import SpaRTALayer
+from .model import find_sparta_tuners
 from .registration import PEFT_TYPE_SPARTA
 
 
+LEFT_AS_IT_WAS = "The model was left as it was."
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 MODEL_CARD_TAGS = ("sparta", "continual-learning")
 MODEL_CARD_HEADING = "## SpaRTA adapter"
 
@@ -87,20 +94,97 @@ def _wrap_upload(original):
     return _upload_modified_files
 
 
+class ModelSnapshot:
+    """What loading an adapter can change in a model, recorded so that a failed load can put it back exactly.
+
+    Loading injects layers (module tree), adds adapters to existing tuner layers (their per-adapter containers),
+    registers hooks, sets ``peft_config`` on the model, changes ``requires_grad`` and train/eval modes; no tensor is
+    changed in place, so references to the old objects are enough to restore them.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(module, dict(module._modules), module.training) for module in model.modules()]
+        self.hooks = [(module, [dict(hooks) for hooks in _hook_dicts(module)]) for module in model.modules()]
+        self.requires_grad = [(param, param.requires_grad) for param in model.parameters()]
+        self.attributes = [(module, _load_attributes(module)) for module in model.modules()]
+        self.adapters = [(layer, _adapter_state(layer)) for layer in model.modules() if isinstance(layer, SpaRTALayer)]
+        self.tuner_hooks = [(tuner, list(tuner._hook_handles)) for tuner in find_sparta_tuners(model)]
+        self.configs = [
+            (tuner, dict(tuner.peft_config), tuner.active_adapter)
+            for tuner in model.modules()
+            if isinstance(tuner, BaseTuner)
+        ]
+
+    def restore(self) -> None:
+        for module, children, training in self.modules:
+            module._modules.clear()
+            module._modules.update(children)
+            module.training = training
+        for module, dicts in self.hooks:
+            for current, saved in zip(_hook_dicts(module), dicts):
+                current.clear()
+                current.update(saved)
+        for param, requires_grad in self.requires_grad:
+            param.requires_grad_(requires_grad)
+        for module, attributes in self.attributes:
+            for name in _LOAD_ATTRIBUTES:
+                if name in attributes:
+                    setattr(module, name, attributes[name])
+                elif name in module.__dict__:
+                    delattr(module, name)
+        for layer, state in self.adapters:
+            for name, (container, items) in state.items():
+                container.clear()
+                container.update(items)
+                if name in _LAYER_ATTRIBUTES:
+                    setattr(layer, name, items["value"])
+        for tuner, handles in self.tuner_hooks:
+            tuner._hook_handles = handles
+        for tuner, configs, active in self.configs:
+            tuner.peft_config.clear()
+            tuner.peft_config.update(configs)
+            tuner.active_adapter = active
+
+
+#: Attributes that PEFT and transformers set on a model when an adapter is loaded into it.
+_LOAD_ATTRIBUTES = ("peft_config", "_hf_peft_config_loaded", "active_adapter")
+#: Per-layer values (not per-adapter containers) that injecting an adapter changes.
+_LAYER_ATTRIBUTES = ("routing_context", "_active_adapter", "merged_adapters")
+
+
+def _hook_dicts(module: nn.Module) -> list[dict]:
+    names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs")
+    return [getattr(module, name) for name in (*names, "_forward_hooks_always_called")]
+
+
+def _load_attributes(module: nn.Module) -> dict:
+    return {name: module.__dict__[name] for name in _LOAD_ATTRIBUTES if name in module.__dict__}
+
+
+def _adapter_state(layer: SpaRTALayer) -> dict:
+    """Every per-adapter container of the layer with a copy of its items, and the layer-wide values, as
+    ``{name: (container, items)}``; a layer-wide value is held in a one-item dict under "value"."""
+    state = {}
+    for name in layer.adapter_layer_names + layer.other_param_names:
+        container = getattr(layer, name)
+        state[name] = (container, dict(container.items()))
+    for name in _LAYER_ATTRIBUTES:
+        value = getattr(layer, name)
+        state[name] = ({}, {"value": list(value) if isinstance(value, list) else value})
+    return state
+
+
 def _wrap_load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, model_id, adapter_name: str, *args, **kwargs):
-        is_new = adapter_name not in self.peft_config
+        snapshot = ModelSnapshot(self)
         try:
             return original(self, model_id, adapter_name, *args, **kwargs)
         except Exception as error:
-            if not is_new or not (adapter_name in self.peft_config and _is_sparta(self.peft_config[adapter_name])):
+            snapshot.restore()
+            if not _is_sparta_source(model_id, kwargs.get("subfolder")):
                 raise
-            if len(self.peft_config) > 1:
-                self.delete_adapter(adapter_name)
-            else:
-                self.base_model.unload()
-            raise _load_error(error, model_id) from error
+            raise _load_error(error, model_id, kwargs.get("subfolder")) from error
 
     return load_adapter
 
@@ -108,21 +192,44 @@ def _wrap_load_adapter(original):
 def _wrap_from_pretrained(original):
     @functools.wraps(original)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
+        snapshot = ModelSnapshot(model)
+        tuners_before = find_sparta_tuners(model)
         try:
             return original.__func__(cls, model, model_id, *args, **kwargs)
         except Exception as error:
-            tuner = find_sparta_tuner(model)
-            if tuner is None:
+            injected = any(tuner not in tuners_before for tuner in find_sparta_tuners(model))
+            snapshot.restore()
+            if not injected and not _is_sparta_source(model_id, kwargs.get("subfolder")):
                 raise
-            tuner.unload()
-            raise _load_error(error, model_id) from error
+            raise _load_error(error, model_id, kwargs.get("subfolder")) from error
 
     return classmethod(from_pretrained)
 
 
-def _load_error(error: Exception, model_id) -> SpaRTALoadError:
+def _local_folder(model_id, subfolder: Optional[str]) -> Optional[str]:
+    folder = os.path.join(str(model_id), subfolder or "")
+    return folder if os.path.isdir(folder) else None
+
+
+def _is_sparta_source(model_id, subfolder: Optional[str]) -> bool:
+    """Whether ``model_id`` is a local folder whose adapter_config.json names a SpaRTA adapter."""
+    folder = _local_folder(model_id, subfolder)
+    try:
+        with open(os.path.join(folder, "adapter_config.json")) as file:
+            return json.load(file).get("peft_type") == PEFT_TYPE_SPARTA.value
+    except (TypeError, OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_error(error: Exception, model_id, subfolder: Optional[str] = None) -> SpaRTALoadError:
     if isinstance(error, SpaRTALoadError):
-        return SpaRTALoadError(f"{error} The model was left as it was.")
+        return error if str(error).endswith(LEFT_AS_IT_WAS) else SpaRTALoadError(f"{error} {LEFT_AS_IT_WAS}")
+    folder = _local_folder(model_id, subfolder)
+    if folder is not None and not any(os.path.exists(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        return SpaRTALoadError(
+            f"The folder {folder!r} holds no adapter weights ({' or '.join(WEIGHT_FILES)}): it was not written by "
+            "save_pretrained, or the weights file was removed. " + LEFT_AS_IT_WAS
+        )
     return SpaRTALoadError(
         f"Could not load the SpaRTA adapter from {str(model_id)!r}: {type(error).__name__}: {error}. The model was left "
         "as it was. Check that the adapter's files are complete and uncorrupted."

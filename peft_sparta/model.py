@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Optional
 
@@ -18,7 +19,9 @@ from transformers.pytorch_utils import Conv1D
 from .config import SpaRTAConfig
 from .errors import SpaRTALoadError
 from .layer import Linear, SpaRTALayer, sparta_layers
+from .optimizer_guard import guard_optimizers_of
 from .routers import RoutingContext
+from .routers.context import CACHED_QUERY
 from .utils import module_device
 
 
@@ -69,6 +72,13 @@ class SpaRTAModel(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ---- injection ---------------------------------------------------------------------------------------------------
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Inject the adapter with a private copy of its config: `add_task` extends the config's task list, which
+        must not change another model built from the same config object."""
+        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        guard_optimizers_of(self)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         if current_key is None:
@@ -138,11 +148,18 @@ class SpaRTAModel(BaseTuner):
         return "token"
 
     def _post_injection_hook(self, model: nn.Module, config: SpaRTAConfig, adapter_name: str) -> None:
+        """Register the routing and regularization hooks, once: a tuner injected into a model that an earlier SpaRTA
+        tuner adapted (loading onto the same base twice) takes over its layers and hooks, so that each forward is
+        routed and regularized once."""
+        for layer in sparta_layers(model):
+            layer.routing_context = self.routing_context
         if self._hook_handles:
             return
+        for earlier in find_sparta_tuners(model):
+            earlier._remove_hooks()
         self._hook_handles = [
             model.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True),
-            model.register_forward_hook(self._regularization_hook, with_kwargs=True),
+            model.register_forward_hook(self._after_forward_hook, with_kwargs=True),
         ]
 
     def _remove_hooks(self) -> None:
@@ -165,12 +182,17 @@ class SpaRTAModel(BaseTuner):
             if name in layer.sparta_router
         )
 
-    def _regularization_hook(self, module, args, kwargs, output):
-        """In training, add the regularizers to the loss the model computed (MoE auxiliary-loss convention)."""
-        if not module.training or not torch.is_grad_enabled():
+    def _after_forward_hook(self, module, args, kwargs, output):
+        """Tie the routing decided for this forward to its KV cache (its decode steps reuse it), and in training mode
+        add the regularizers to the loss the model computed (MoE auxiliary-loss convention)."""
+        if not isinstance(output, dict):
             return None
-        loss = output.get("loss") if isinstance(output, dict) else None
-        if loss is None:
+        cache = output.get("past_key_values")
+        query = self.routing_context.sequence_query
+        if query is not None and hasattr(cache, "get_seq_length"):
+            setattr(cache, CACHED_QUERY, query)
+        loss = output.get("loss")
+        if not module.training or loss is None:
             return None
         output["loss"] = loss + self.regularization_loss().to(loss.dtype)
         return output
@@ -228,7 +250,11 @@ class SpaRTAModel(BaseTuner):
         return list(self.peft_config[self._adapter(adapter_name)].task_names)
 
     def add_task(self, task_name: str, adapter_name: Optional[str] = None) -> None:
-        """Freeze the current task branch and its router state on every adapted layer and add a new task branch."""
+        """Freeze the current task branch and its router state on every adapted layer and add a new task branch.
+
+        A task forced with `set_task` is released, so that the new task trains through its own branch. The new
+        branch's parameters are new tensors: build the optimizer (or the Trainer) for the new task after this call.
+        """
         adapter_name = self._adapter(adapter_name)
         config = self.peft_config[adapter_name]
         if not isinstance(task_name, str) or not task_name:
@@ -241,6 +267,7 @@ class SpaRTAModel(BaseTuner):
         for layer in layers:
             layer.add_task(adapter_name)
         config.task_names.append(task_name)
+        self.set_task(None, adapter_name)
 
     def set_task(self, task_name: Optional[str], adapter_name: Optional[str] = None) -> None:
         """Route every input to ``task_name``'s branch (task-aware evaluation, merging), or to the router (None)."""
@@ -249,13 +276,25 @@ class SpaRTAModel(BaseTuner):
         if task_name is not None and task_name not in names:
             raise ValueError(f"Unknown task '{task_name}' for adapter '{adapter_name}'; known tasks: {names}.")
         index = None if task_name is None else names.index(task_name)
-        for layer in sparta_layers(self.model):
+        layers = [layer for layer in sparta_layers(self.model) if adapter_name in layer.forced_task]
+        if any(adapter_name in layer.merged_adapters for layer in layers):
+            raise ValueError(
+                f"Adapter '{adapter_name}' is merged into the base weights, with task "
+                f"'{names[layers[0].merged_task[adapter_name]]}'; a merged adapter cannot be routed. Call "
+                "model.unmerge_adapter() first."
+            )
+        for layer in layers:
             if adapter_name in layer.forced_task:
                 layer.forced_task[adapter_name] = index
 
     # ---- PEFT overrides ----------------------------------------------------------------------------------------------
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            for layer in sparta_layers(self.model):
+                for name in adapter_names or layer.active_adapters:
+                    if name in layer.sparta_A_task and name not in layer.merged_adapters:
+                        layer._merge_task(name)
         self._remove_hooks()
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
@@ -274,6 +313,7 @@ class SpaRTAModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Map checkpoint keys to the model's and check them: every branch of every task present, shapes equal."""
         state_dict = {_current_key(key): value for key, value in state_dict.items()}
+        _check_task_count(state_dict, config)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
@@ -290,10 +330,14 @@ def find_sparta_tuner(model: nn.Module) -> Optional[SpaRTAModel]:
             return candidate
         if isinstance(getattr(candidate, "base_model", None), SpaRTAModel):
             return candidate.base_model
-    for hook in getattr(model, "_forward_pre_hooks", {}).values():
-        if isinstance(getattr(hook, "__self__", None), SpaRTAModel):
-            return hook.__self__
-    return None
+    tuners = find_sparta_tuners(model)
+    return tuners[-1] if tuners else None
+
+
+def find_sparta_tuners(model: nn.Module) -> list[SpaRTAModel]:
+    """The SpaRTA tuners whose routing hook is registered on ``model``, oldest first."""
+    hooks = getattr(model, "_forward_pre_hooks", {}).values()
+    return [hook.__self__ for hook in hooks if isinstance(getattr(hook, "__self__", None), SpaRTAModel)]
 
 
 def _current_key(key: str) -> str:
@@ -312,14 +356,27 @@ def _is_quantized(layer: nn.Module) -> bool:
     )
 
 
-def _check_checkpoint(expected: dict, checkpoint: dict, config: SpaRTAConfig, adapter_name: str) -> None:
-    task_key = re.compile(rf"\.sparta_A_task\.{re.escape(adapter_name)}\.(\d+)$")
+def _check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:
+    """The checkpoint (keys without adapter name) holds one branch per task that the config names."""
+    task_key = re.compile(r"\.sparta_A_task\.(\d+)$")
     saved_tasks = {int(m.group(1)) for key in checkpoint if (m := task_key.search(key))}
     if saved_tasks and len(saved_tasks) != len(config.task_names):
         raise SpaRTALoadError(
             f"The adapter config names {len(config.task_names)} tasks ({', '.join(config.task_names)}) but its "
             f"weights hold {len(saved_tasks)} task branches: adapter_config.json and the weights file come from "
             "different saves. Save the adapter again, or restore the matching files."
+        )
+
+
+def _check_checkpoint(expected: dict, checkpoint: dict, config: SpaRTAConfig, adapter_name: str) -> None:
+    """Every tensor the config creates is in the checkpoint with its shape, and the checkpoint holds no SpaRTA tensor
+    that the config does not create (it would be dropped and the outputs would change)."""
+    unexpected = sorted(key for key in checkpoint if ".sparta_" in key and key not in expected)
+    if unexpected:
+        raise SpaRTALoadError(
+            f"The adapter's weights hold {len(unexpected)} SpaRTA tensors that its config does not create, e.g. "
+            f"{unexpected[0]}: adapter_config.json was edited (target_modules, ranks, task_names) or comes from "
+            "another save. Restore the config that was saved with these weights."
         )
     missing = sorted(set(expected) - set(checkpoint))
     if missing:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
 from peft.utils.peft_types import PeftType
 
 
@@ -14,8 +16,8 @@ def extend_str_enum(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
     """Add member ``name`` (value ``name``) to a closed ``str`` Enum, once, and return it.
 
     Lookups go through `enum_cls(value)`, `enum_cls[name]`, iteration and, on Python >= 3.12, the class attribute,
-    so the member is put in every one of the enum's lookup structures. This module imports nothing but `enum` for
-    this function so that it can be tested alone on every supported Python.
+    so the member is put in every one of the enum's lookup structures. It depends on nothing but `enum`, so that
+    it can be tested on any closed ``str`` Enum on every supported Python.
     """
     if name in enum_cls.__members__:
         return enum_cls[name]
@@ -33,9 +35,6 @@ def extend_str_enum(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
 
 def register_sparta(config_cls, model_cls) -> None:
     """Register SpaRTA with PEFT unless this process already did (PEFT's own registration raises on a repeat)."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
     if PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE_SPARTA) is model_cls:
         return
     register_peft_method(name=SPARTA_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix="sparta_")

@@ -126,7 +126,7 @@ def _corrupt(folder: Path) -> None:
     [
         (lambda f: _edit_config(f, format_version=99), ValueError, "Upgrade peft-sparta-cl"),
         (lambda f: _edit_config(f, task_names=["a", "b", "c", "d"]), SpaRTALoadError, "different saves"),
-        (lambda f: (f / "adapter_model.safetensors").unlink(), SpaRTALoadError, "files are complete"),
+        (lambda f: (f / "adapter_model.safetensors").unlink(), SpaRTALoadError, "holds no adapter weights"),
         (_corrupt, SpaRTALoadError, "files are complete"),
     ],
     ids=["newer-format", "task-names", "missing-weights", "corrupted-weights"],

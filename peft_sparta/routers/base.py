@@ -84,10 +84,13 @@ class Router(nn.Module):
     ) -> tuple[list[int], Optional[torch.Tensor]]:
         """Which task branches to compute for ``x`` and their gates (None: each selected branch has gate 1).
 
-        In training the current task is routed to its own branch while the router learns it; at inference the
-        router decides per input, computing only the branches some input uses.
+        In training the current task is routed to its own branch while the router learns it (not again when
+        gradient checkpointing recomputes the forward in backward); at inference the router decides per input,
+        computing only the branches some input uses.
         """
         tasks = len(branches)
+        if training and _is_recomputation():
+            return [tasks - 1], None
         if training:
             loss = self.learn(x, context, branches)
             if loss is not None and context is not None:
@@ -128,6 +131,11 @@ def random_projection(source_dim: int, target_dim: int) -> torch.Tensor:
     """Frozen Gaussian projection, a function of the two sizes alone so that it is the same in every process."""
     generator = torch.Generator().manual_seed(source_dim * 100_003 + target_dim)
     return torch.randn(source_dim, target_dim, generator=generator) / math.sqrt(target_dim)
+
+
+def _is_recomputation() -> bool:
+    """Whether this forward runs inside a backward pass: gradient checkpointing recomputing activations."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _sequence_query(x: torch.Tensor, context: Optional[RoutingContext]) -> torch.Tensor:

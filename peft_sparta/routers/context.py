@@ -12,6 +12,9 @@ from torch import nn
 from ..utils import masked_mean
 
 
+#: Attribute of a KV cache that holds the sequence query decided at its prefill, which its decode steps reuse.
+CACHED_QUERY = "_sparta_sequence_query"
+
 #: Label of the positions that carry no target (PyTorch's cross-entropy default, used by transformers and TRL).
 IGNORE_INDEX = -100
 
@@ -37,7 +40,9 @@ class RoutingContext:
     def begin_forward(self, args: tuple, kwargs: dict, embeddings: Optional[nn.Embedding], sequence: bool) -> None:
         """Set the context from a model call's arguments; ``sequence``: whether any layer routes per sequence.
 
-        A generation decode step keeps the sequence query decided from the prompt at prefill.
+        A generation decode step keeps the sequence query decided from its own prompt at prefill, read from the KV
+        cache it continues (so interleaved conversations, each with its cache, keep their own routing); a decode step
+        whose cache holds no query is routed from its new tokens.
         """
         self.router_losses = []
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -47,10 +52,11 @@ class RoutingContext:
             self.clear()
             return
         batch, length = tokens.shape[:2]
-        query = self.sequence_query
-        if query is not None and query.shape[0] == batch and extends_cached_sequence(kwargs, length):
-            self.token_mask = None
-            return
+        if extends_cached_sequence(kwargs, length):
+            cached = getattr(kwargs.get("past_key_values"), CACHED_QUERY, None)
+            if cached is not None and cached.shape[0] == batch:
+                self.sequence_query, self.token_mask = cached, None
+                return
         valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
