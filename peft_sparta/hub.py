@@ -11,14 +11,18 @@ import json
 import os
 from typing import Optional
 
+import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.save_and_load import load_peft_weights
 from torch import nn
+from transformers.integrations.peft import PeftAdapterMixin
 
 from .errors import SpaRTALoadError
 from .layer import SpaRTALayer
-from .model import find_sparta_tuners
+from .config import SpaRTAConfig
+from .model import SpaRTAModel, check_task_count, find_sparta_tuners
 from .registration import PEFT_TYPE_SPARTA
 
 
@@ -206,6 +210,41 @@ def _wrap_from_pretrained(original):
     return classmethod(from_pretrained)
 
 
+def _wrap_transformers_load_adapter(original):
+    """transformers' ``model.load_adapter`` loads the weights with its own loader, which neither checks a SpaRTA
+    checkpoint nor undoes a failed load: for SpaRTA adapters, check the loaded tensors against the file (every tensor
+    present, in place, nothing extra) and restore the model on any failure."""
+
+    @functools.wraps(original)
+    def load_adapter(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
+        if kwargs.get("adapter_state_dict") is not None or not _is_sparta_source(peft_model_id, kwargs.get("subfolder")):
+            return original(self, peft_model_id, adapter_name, *args, **kwargs)
+        adapter_name = adapter_name or "default"
+        snapshot = ModelSnapshot(self)
+        try:
+            checkpoint = load_peft_weights(str(peft_model_id), device="cpu", subfolder=kwargs.get("subfolder"))
+            check_task_count(checkpoint, SpaRTAConfig.from_pretrained(peft_model_id, subfolder=kwargs.get("subfolder")))
+            result = original(self, peft_model_id, adapter_name, *args, **kwargs)
+            _check_loaded_weights(self, checkpoint, adapter_name)
+            return result
+        except Exception as error:
+            snapshot.restore()
+            raise _load_error(error, peft_model_id, kwargs.get("subfolder")) from error
+
+    return load_adapter
+
+
+def _check_loaded_weights(model: nn.Module, checkpoint: dict, adapter_name: str) -> None:
+    """Every tensor of the checkpoint is in ``model`` under its key, with its value, and the model has no SpaRTA
+    tensor that the checkpoint lacks."""
+    config = model.peft_config[adapter_name]
+    remapped = SpaRTAModel._remap_adapter_state_dict_for_load(model, config, adapter_name, checkpoint)
+    state = model.state_dict()
+    differing = [key for key, value in remapped.items() if not torch.equal(state[key].cpu(), value.to(state[key].dtype))]
+    if differing:
+        raise SpaRTALoadError(f"{len(differing)} tensors were not loaded into the model, e.g. {differing[0]}.")
+
+
 def _local_folder(model_id, subfolder: Optional[str]) -> Optional[str]:
     folder = os.path.join(str(model_id), subfolder or "")
     return folder if os.path.isdir(folder) else None
@@ -237,11 +276,13 @@ def _load_error(error: Exception, model_id, subfolder: Optional[str] = None) -> 
 
 
 def install() -> None:
-    """Wrap PeftModel's card writing, Hub upload and adapter loading, once per process."""
+    """Wrap PeftModel's card writing, Hub upload and adapter loading, and transformers' adapter loading, once per
+    process."""
     if getattr(PeftModel, "_sparta_integration", False):
         return
     PeftModel.create_or_update_model_card = _wrap_model_card(PeftModel.create_or_update_model_card)
     PeftModel._upload_modified_files = _wrap_upload(PeftModel._upload_modified_files)
     PeftModel.load_adapter = _wrap_load_adapter(PeftModel.load_adapter)
     PeftModel.from_pretrained = _wrap_from_pretrained(PeftModel.from_pretrained)
+    PeftAdapterMixin.load_adapter = _wrap_transformers_load_adapter(PeftAdapterMixin.load_adapter)
     PeftModel._sparta_integration = True

@@ -313,7 +313,7 @@ class SpaRTAModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Map checkpoint keys to the model's and check them: every branch of every task present, shapes equal."""
         state_dict = {_current_key(key): value for key, value in state_dict.items()}
-        _check_task_count(state_dict, config)
+        check_task_count(state_dict, config)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
@@ -356,7 +356,7 @@ def _is_quantized(layer: nn.Module) -> bool:
     )
 
 
-def _check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:
+def check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:
     """The checkpoint (keys without adapter name) holds one branch per task that the config names."""
     task_key = re.compile(r"\.sparta_A_task\.(\d+)$")
     saved_tasks = {int(m.group(1)) for key in checkpoint if (m := task_key.search(key))}

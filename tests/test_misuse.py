@@ -210,3 +210,44 @@ def test_train_mode_under_no_grad_learns_and_reports_the_same_loss(input_ids):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.allclose(model(input_ids=input_ids, labels=input_ids).loss, without_grad)
+
+
+def _drop_router_state(folder) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    weights = load_file(path)
+    save_file({key: value for key, value in weights.items() if "sparta_router" not in key}, path)
+
+
+def _truncate(folder) -> None:
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _cut_task_list(folder) -> None:
+    import json
+
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "task_names": ["task_0"]}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [(_truncate, "SafetensorError"), (_drop_router_state, "lack"), (_cut_task_list, "different saves")],
+    ids=["truncated", "no-router-state", "task-list"],
+)
+def test_transformers_load_adapter_fails_clearly_and_can_be_retried(tmp_path, input_ids, damage, message):
+    model = trained_two_task_model()
+    expected = logits(model, input_ids)
+    model.save_pretrained(tmp_path / "good")
+    model.save_pretrained(tmp_path / "bad")
+    damage(tmp_path / "bad")
+    base = tiny_llama()
+    untouched = logits(base, input_ids)
+    with pytest.raises(SpaRTALoadError, match=message):
+        base.load_adapter(str(tmp_path / "bad"))
+    assert torch.equal(logits(base, input_ids), untouched)
+    assert not sparta_layers(base) and not base._forward_pre_hooks and not base._forward_hooks
+    base.load_adapter(str(tmp_path / "good"))
+    assert torch.equal(logits(base, input_ids), expected)
