@@ -106,6 +106,21 @@ class SpaRTALayer(BaseTunerLayer):
         self.sparta_router[adapter_name].add_task()
         self._freeze_finished(adapter_name)
 
+    def remove_task(self, adapter_name: str, index: int) -> None:
+        """Drop task ``index``'s branch and router state, as if it had never been added: the last remaining task is
+        the current one (trainable if the adapter was being trained)."""
+        trainable = self.sparta_A_task[adapter_name][-1].requires_grad
+        for container in (self.sparta_A_task, self.sparta_B_task):
+            kept = [param for task, param in enumerate(container[adapter_name]) if task != index]
+            container[adapter_name] = nn.ParameterList(kept)
+        self.sparta_router[adapter_name].remove_task(index)
+        forced = self.forced_task[adapter_name]
+        if forced is not None:
+            self.forced_task[adapter_name] = None if forced == index else forced - int(forced > index)
+        self.sparta_A_task[adapter_name][-1].requires_grad_(trainable)
+        self.sparta_B_task[adapter_name][-1].requires_grad_(trainable)
+        self._freeze_finished(adapter_name)
+
     def _new_branch(self, rank: int, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
         factory = {"device": self.get_base_layer().weight.device, "dtype": dtype}
         a = nn.Parameter(torch.empty(rank, self.in_features, **factory))

@@ -269,6 +269,28 @@ class SpaRTAModel(BaseTuner):
         config.task_names.append(task_name)
         self.set_task(None, adapter_name)
 
+    def remove_task(self, task_name: str, adapter_name: Optional[str] = None) -> None:
+        """Remove ``task_name``'s branch and router state from every adapted layer, as if the task had never been
+        learned: inputs are routed among the remaining tasks only. What the task taught the shared branch (while it
+        was trainable: the first task, or every task with ``shared_update="train"``) stays. Removing the newest task
+        makes the one before it the current (trainable) task again."""
+        adapter_name = self._adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if task_name not in config.task_names:
+            raise ValueError(f"Unknown task '{task_name}' for adapter '{adapter_name}'; known tasks: {config.task_names}.")
+        if len(config.task_names) == 1:
+            raise ValueError(
+                f"'{task_name}' is the only task of adapter '{adapter_name}'; an adapter keeps at least one task. Use "
+                "delete_adapter to remove the whole adapter."
+            )
+        layers = [layer for layer in sparta_layers(self.model) if adapter_name in layer.sparta_A_task]
+        if any(adapter_name in layer.merged_adapters for layer in layers):
+            raise ValueError("Cannot remove a task while the adapter is merged; call unmerge_adapter() first.")
+        index = config.task_names.index(task_name)
+        for layer in layers:
+            layer.remove_task(adapter_name, index)
+        config.task_names.remove(task_name)
+
     def set_task(self, task_name: Optional[str], adapter_name: Optional[str] = None) -> None:
         """Route every input to ``task_name``'s branch (task-aware evaluation, merging), or to the router (None)."""
         adapter_name = self._adapter(adapter_name)

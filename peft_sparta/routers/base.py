@@ -70,6 +70,9 @@ class Router(nn.Module):
     def add_task(self) -> None:
         """Make room for a new task; the state of the earlier tasks stays as it is."""
 
+    def remove_task(self, index: int) -> None:
+        """Forget task ``index``'s state, as if it had never been added."""
+
     def frozen_parameters(self) -> list[nn.Parameter]:
         """Parameters of finished tasks, which must never train again."""
         return []

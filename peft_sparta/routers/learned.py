@@ -35,6 +35,9 @@ class LearnedRouter(Router):
         factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
         self.keys.append(nn.Parameter(F.normalize(torch.randn(self.query_dim, **factory), dim=0)))
 
+    def remove_task(self, index: int) -> None:
+        self.keys = nn.ParameterList([key for task, key in enumerate(self.keys) if task != index])
+
     def frozen_parameters(self) -> list[nn.Parameter]:
         return list(self.keys)[:-1]
 

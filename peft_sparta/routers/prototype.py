@@ -40,6 +40,10 @@ class PrototypeRouter(Router):
         self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, *self.prototypes.shape[1:])])
         self.counts = torch.cat([self.counts, self.counts.new_zeros(1, self.counts.shape[1])])
 
+    def remove_task(self, index: int) -> None:
+        keep = [task for task in range(self.prototypes.shape[0]) if task != index]
+        self.prototypes, self.counts = self.prototypes[keep].clone(), self.counts[keep].clone()
+
 
 def prototype_scores(queries: torch.Tensor, prototypes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Best cosine similarity of each query to each task's prototypes.
