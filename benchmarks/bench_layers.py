@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import machine, markdown_table, median_seconds, peak_memory_bytes
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm import tqdm
 
 import peft_sparta  # noqa: F401
-from common import machine, markdown_table, median_seconds, peak_memory_bytes
 from peft_sparta import SpaRTAConfig
 
 

@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 import torch
+from common import machine, markdown_table, median_seconds, peak_memory_bytes
 from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_sparta  # noqa: F401
-from common import machine, markdown_table, median_seconds, peak_memory_bytes
 from peft_sparta import SpaRTAConfig
 
 

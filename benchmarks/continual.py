@@ -1,6 +1,6 @@
 """Continual-learning benchmark: SpaRTA, its ablations and the PEFT baselines on one task sequence, task-free.
 
-Suites (see peft_sparta/suites.py):
+Suites (see peft_sparta/benchmark/suites.py):
 - minilm: six offline text-classification tasks with distinct label sets on all-MiniLM-L6-v2, scored by the nearest
   label-name embedding among every label seen so far (~15 min for every method on 2 CPU cores).
 - smollm: five offline instruction tasks on SmolLM2-135M-Instruct, exact-match answers (reduced CPU setting).
@@ -27,23 +27,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")  # without it, torch on a shared C
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import ast  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from tqdm.auto import tqdm
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table  # noqa: E402
+from common import machine, markdown_table
 
-import peft_sparta  # noqa: E402, F401
-from peft_sparta import offline, suites  # noqa: E402
-from peft_sparta.baselines import METHODS, make_method  # noqa: E402
-from peft_sparta.continual import (  # noqa: E402
+import peft_sparta  # noqa: F401
+from peft_sparta.benchmark import offline, suites
+from peft_sparta.benchmark.baselines import METHODS, make_method
+from peft_sparta.continual import (
     CausalLMHarness,
     ContinualArguments,
     EmbeddingClassificationHarness,
@@ -226,11 +226,14 @@ def markdown_report(results: dict) -> str:
         f"Machine: {results.get('machine')}. Tasks in order: {', '.join(results.get('tasks', []))}.",
         f"Settings: {json.dumps(settings)}.",
         "",
-        "AA: mean accuracy over all tasks after the last one; BWT: mean (final - just-trained) accuracy of earlier "
-        "tasks (forgetting = -BWT); FWT: mean (accuracy on task j before training it - base model's); learning acc: "
-        "mean accuracy of each task right after its own training; routing acc: fraction of test inputs whose top "
-        "router gate is their own task's branch (SpaRTA with a router only); drift: change on unrelated text (minilm: "
-        "1 - cosine of embeddings to the base model's; smollm: mean token NLL increase). No task id at test time.",
+        (
+            "AA: mean accuracy over all tasks after the last one; BWT: mean (final - just-trained) accuracy of earlier "
+            "tasks (forgetting = -BWT); FWT: mean (accuracy on task j before training it - base model's); learning "
+            "acc: mean accuracy of each task right after its own training; routing acc: fraction of test inputs whose "
+            "top router gate is their own task's branch (SpaRTA with a router only); drift: change on unrelated text "
+            "(minilm: 1 - cosine of embeddings to the base model's; smollm: mean token NLL increase). No task id at "
+            "test time."
+        ),
         "",
         markdown_table(header, rows),
         "",

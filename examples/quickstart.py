@@ -18,10 +18,13 @@ from transformers import Trainer, TrainingArguments
 
 import peft_sparta  # noqa: F401  (registers the SPARTA peft type: import it before loading an adapter)
 from peft_sparta import SpaRTAConfig
-from peft_sparta.offline import load_smollm2
+from peft_sparta.benchmark.offline import load_smollm2
 
 
-NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
+NUMBERS = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen",
+]  # fmt: skip
 NOUNS = {
     "cat": "cats", "box": "boxes", "city": "cities", "child": "children", "mouse": "mice", "leaf": "leaves",
     "bus": "buses", "baby": "babies", "foot": "feet", "wolf": "wolves", "story": "stories", "dish": "dishes",
@@ -36,7 +39,9 @@ TASKS = {
 def encode(tokenizer, prompt: str, answer: str | None = None) -> dict[str, list[int]]:
     """Chat-formatted prompt; with an answer, labels cover the answer only (-100 on the prompt), which is also what
     the router builds its prototypes from."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if answer is None:
         return {"input_ids": prompt_ids}
@@ -72,7 +77,9 @@ def train_task(model, tokenizer, examples, steps: int, output_dir: str) -> None:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=lambda f: collate(f, tokenizer.pad_token_id))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=lambda f: collate(f, tokenizer.pad_token_id)
+    )
     trainer.train()
 
 

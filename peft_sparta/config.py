@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
 
+from .kernels import BACKENDS, NORMS, Backend, Norm
 from .registration import PEFT_TYPE_SPARTA
 
 
@@ -22,9 +23,7 @@ RUN_TIME_FIELDS = frozenset(
 
 RouterName = Literal["prototype", "learned", "spectral"]
 Granularity = Literal["auto", "token", "sequence"]
-OrthNorm = Literal["fro", "l1"]
 SharedUpdate = Literal["train", "freeze_after_first"]
-KernelBackend = Literal["auto", "eager", "torch", "triton"]
 Bias = Literal["none", "all", "sparta_only"]
 
 
@@ -157,9 +156,9 @@ class SpaRTAConfig(PeftConfig):
         },
     )
     orth_lambda: float = field(default=0.5, metadata={"help": "Weight of the orthogonality loss."})
-    orth_norm: OrthNorm = field(default="fro", metadata={"help": "Orthogonality norm: 'fro' or 'l1'."})
+    orth_norm: Norm = field(default="fro", metadata={"help": "Orthogonality norm: 'fro' or 'l1'."})
     router_lambda: float = field(default=0.1, metadata={"help": "Weight of the router loss (learned router)."})
-    kernel_backend: Optional[KernelBackend] = field(
+    kernel_backend: Optional[Backend] = field(
         default=None,
         metadata={
             "help": "Adapter computation: 'eager' (per-branch reference), 'torch' (fused Function), 'triton' (fused, "
@@ -168,7 +167,9 @@ class SpaRTAConfig(PeftConfig):
     )
     shared_update: SharedUpdate = field(
         default="freeze_after_first",
-        metadata={"help": "Shared branch across tasks: 'freeze_after_first' (trained with the first task) or 'train'."},
+        metadata={
+            "help": "Shared branch across tasks: 'freeze_after_first' (trained with the first task) or 'train'."
+        },
     )
     task_names: Optional[list[str]] = field(
         default=None, metadata={"help": "Task names in order; the last is being trained. Saved with the adapter."}
@@ -184,7 +185,9 @@ class SpaRTAConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE_SPARTA
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.target_modules = (
+            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        )
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
@@ -233,10 +236,10 @@ class SpaRTAConfig(PeftConfig):
         if self.router_abstain_threshold is not None:
             _check_cosine("router_abstain_threshold", self.router_abstain_threshold)
         _check_non_negative("orth_lambda", self.orth_lambda)
-        _check_choice("orth_norm", self.orth_norm, get_args(OrthNorm))
+        _check_choice("orth_norm", self.orth_norm, NORMS)
         _check_non_negative("router_lambda", self.router_lambda)
         _check_choice("shared_update", self.shared_update, get_args(SharedUpdate))
-        _check_choice("kernel_backend", self.kernel_backend, (None, *get_args(KernelBackend)))
+        _check_choice("kernel_backend", self.kernel_backend, (None, *BACKENDS))
         _check_choice("bias", self.bias, get_args(Bias))
         self._validate_task_names()
         _check_int("format_version", self.format_version, minimum=1)

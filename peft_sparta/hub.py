@@ -19,9 +19,9 @@ from peft.utils.save_and_load import load_peft_weights
 from torch import nn
 from transformers.integrations.peft import PeftAdapterMixin
 
+from .config import SpaRTAConfig
 from .errors import SpaRTALoadError
 from .layer import SpaRTALayer
-from .config import SpaRTAConfig
 from .model import SpaRTAModel, check_task_count, find_sparta_tuners
 from .registration import PEFT_TYPE_SPARTA
 
@@ -217,13 +217,17 @@ def _wrap_transformers_load_adapter(original):
 
     @functools.wraps(original)
     def load_adapter(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
-        if kwargs.get("adapter_state_dict") is not None or not _is_sparta_source(peft_model_id, kwargs.get("subfolder")):
+        if kwargs.get("adapter_state_dict") is not None or not _is_sparta_source(
+            peft_model_id, kwargs.get("subfolder")
+        ):
             return original(self, peft_model_id, adapter_name, *args, **kwargs)
         adapter_name = adapter_name or "default"
         snapshot = ModelSnapshot(self)
         try:
             checkpoint = load_peft_weights(str(peft_model_id), device="cpu", subfolder=kwargs.get("subfolder"))
-            check_task_count(checkpoint, SpaRTAConfig.from_pretrained(peft_model_id, subfolder=kwargs.get("subfolder")))
+            check_task_count(
+                checkpoint, SpaRTAConfig.from_pretrained(peft_model_id, subfolder=kwargs.get("subfolder"))
+            )
             result = original(self, peft_model_id, adapter_name, *args, **kwargs)
             _check_loaded_weights(self, checkpoint, adapter_name)
             return result
@@ -240,7 +244,9 @@ def _check_loaded_weights(model: nn.Module, checkpoint: dict, adapter_name: str)
     config = model.peft_config[adapter_name]
     remapped = SpaRTAModel._remap_adapter_state_dict_for_load(model, config, adapter_name, checkpoint)
     state = model.state_dict()
-    differing = [key for key, value in remapped.items() if not torch.equal(state[key].cpu(), value.to(state[key].dtype))]
+    differing = [
+        key for key, value in remapped.items() if not torch.equal(state[key].cpu(), value.to(state[key].dtype))
+    ]
     if differing:
         raise SpaRTALoadError(f"{len(differing)} tensors were not loaded into the model, e.g. {differing[0]}.")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import weakref
 from typing import Optional
 
 import torch
@@ -21,9 +22,12 @@ from .errors import SpaRTALoadError
 from .layer import Linear, SpaRTALayer, sparta_layers
 from .optimizer_guard import guard_optimizers_of
 from .routers import RoutingContext
-from .routers.context import CACHED_QUERY
+from .routers.context import CACHED_QUERY, kv_cache
 from .utils import module_device
 
+
+#: Every SpaRTA tuner alive in this process (to tell whether a config object is shared between models).
+_LIVE_TUNERS: weakref.WeakSet = weakref.WeakSet()
 
 #: Checkpoint keys of the router state in format version 1, and their names since the routers own their state.
 _VERSION_1_ROUTER_KEYS = {
@@ -74,11 +78,26 @@ class SpaRTAModel(BaseTuner):
     # ---- injection ---------------------------------------------------------------------------------------------------
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """Inject the adapter with a private copy of its config: `add_task` extends the config's task list, which
-        must not change another model built from the same config object."""
-        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        _LIVE_TUNERS.add(self)
         guard_optimizers_of(self)
+
+    def _own_config(self, adapter_name: str) -> SpaRTAConfig:
+        """The adapter's config, copied first if another live model holds the same object (one config passed to two
+        `get_peft_model` calls), so that changing this model's tasks leaves the other model as it is."""
+        config = self.peft_config[adapter_name]
+        shared = any(
+            other is not self and any(held is config for held in other.peft_config.values())
+            for other in list(_LIVE_TUNERS)
+        )
+        if not shared:
+            return config
+        config = self.peft_config[adapter_name] = copy.deepcopy(config)
+        for layer in sparta_layers(self.model):
+            if adapter_name in layer.sparta_settings:
+                layer.sparta_settings[adapter_name] = config
+                layer.sparta_router[adapter_name].config = config
+        return config
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         if current_key is None:
@@ -88,7 +107,9 @@ class SpaRTAModel(BaseTuner):
         if isinstance(target, SpaRTALayer):
             target.update_layer(adapter_name, config, granularity, query_dim)
             return
-        new_module = self._create_new_module(config, adapter_name, target, granularity=granularity, query_dim=query_dim)
+        new_module = self._create_new_module(
+            config, adapter_name, target, granularity=granularity, query_dim=query_dim
+        )
         new_module.routing_context = self.routing_context
         new_module.train(target.training)
         if adapter_name not in self.active_adapters:
@@ -172,7 +193,6 @@ class SpaRTAModel(BaseTuner):
     def _routing_pre_hook(self, module, args, kwargs):
         """Compute, once per forward, the sequence query and the prompt mask that the layers route with."""
         self.routing_context.begin_forward(args, kwargs, self._input_embeddings(), self._needs_sequence_query())
-        return None
 
     def _needs_sequence_query(self) -> bool:
         return any(
@@ -187,7 +207,7 @@ class SpaRTAModel(BaseTuner):
         add the regularizers to the loss the model computed (MoE auxiliary-loss convention)."""
         if not isinstance(output, dict):
             return None
-        cache = output.get("past_key_values")
+        cache = kv_cache(output)
         query = self.routing_context.sequence_query
         if query is not None and hasattr(cache, "get_seq_length"):
             setattr(cache, CACHED_QUERY, query)
@@ -256,7 +276,7 @@ class SpaRTAModel(BaseTuner):
         branch's parameters are new tensors: build the optimizer (or the Trainer) for the new task after this call.
         """
         adapter_name = self._adapter(adapter_name)
-        config = self.peft_config[adapter_name]
+        config = self._own_config(adapter_name)
         if not isinstance(task_name, str) or not task_name:
             raise ValueError(f"A task name must be a non-empty string, got {task_name!r}.")
         if task_name in config.task_names:
@@ -275,9 +295,11 @@ class SpaRTAModel(BaseTuner):
         was trainable: the first task, or every task with ``shared_update="train"``) stays. Removing the newest task
         makes the one before it the current (trainable) task again."""
         adapter_name = self._adapter(adapter_name)
-        config = self.peft_config[adapter_name]
+        config = self._own_config(adapter_name)
         if task_name not in config.task_names:
-            raise ValueError(f"Unknown task '{task_name}' for adapter '{adapter_name}'; known tasks: {config.task_names}.")
+            raise ValueError(
+                f"Unknown task '{task_name}' for adapter '{adapter_name}'; known tasks: {config.task_names}."
+            )
         if len(config.task_names) == 1:
             raise ValueError(
                 f"'{task_name}' is the only task of adapter '{adapter_name}'; an adapter keeps at least one task. Use "

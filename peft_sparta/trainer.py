@@ -23,29 +23,14 @@ puts the callback first so that they report these values too.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from transformers import TrainerCallback
 
-from .continual import RoutingRecorder
+from .model import find_sparta_tuner
+from .routers.recorder import RoutingRecorder
 
 
 __all__ = ["SpaRTACallback"]
-
-
-def _find_sparta(model):
-    """The `SpaRTAModel` tuner inside ``model`` (a PeftModel, possibly wrapped by DDP/accelerate), or None."""
-    from .model import SpaRTAModel
-
-    for candidate in (model, getattr(model, "module", None)):
-        if candidate is None:
-            continue
-        if isinstance(candidate, SpaRTAModel):
-            return candidate
-        if isinstance(getattr(candidate, "base_model", None), SpaRTAModel):
-            return candidate.base_model
-    return None
 
 
 class SpaRTACallback(TrainerCallback):
@@ -61,13 +46,13 @@ class SpaRTACallback(TrainerCallback):
         self.prefix = prefix
         self.routing = routing
         self._tuner = None
-        self._train_recorder: Optional[RoutingRecorder] = None
-        self._eval_recorder: Optional[RoutingRecorder] = None
+        self._train_recorder: RoutingRecorder | None = None
+        self._eval_recorder: RoutingRecorder | None = None
         self._sums: dict[str, float] = {}
         self._count = 0
 
     @classmethod
-    def attach(cls, trainer, **kwargs) -> "SpaRTACallback":
+    def attach(cls, trainer, **kwargs) -> SpaRTACallback:
         """Create the callback and put it first among ``trainer``'s callbacks, before the reporting integrations."""
         callback = cls(**kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
@@ -78,12 +63,16 @@ class SpaRTACallback(TrainerCallback):
     def _ensure(self, model) -> None:
         if self._tuner is not None or model is None:
             return
-        self._tuner = _find_sparta(model)
+        self._tuner = find_sparta_tuner(model)
         if self._tuner is None or not self.routing:
             return
-        peft_model = model.module if hasattr(model, "module") and _find_sparta(model.module) else model
-        self._train_recorder = RoutingRecorder(peft_model, training=True).__enter__()
-        self._eval_recorder = RoutingRecorder(peft_model, training=False).__enter__()
+        peft_model = (
+            model.module if hasattr(model, "module") and find_sparta_tuner(model.module) is not None else model
+        )
+        self._train_recorder = RoutingRecorder(peft_model, training=True)
+        self._eval_recorder = RoutingRecorder(peft_model, training=False)
+        self._train_recorder.start()
+        self._eval_recorder.start()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._ensure(model)
@@ -91,7 +80,7 @@ class SpaRTACallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for recorder in (self._train_recorder, self._eval_recorder):
             if recorder is not None:
-                recorder.__exit__(None, None, None)
+                recorder.stop()
         self._train_recorder = self._eval_recorder = None
         self._tuner = None
 
@@ -119,7 +108,7 @@ class SpaRTACallback(TrainerCallback):
     def _task_names(self) -> list[str]:
         return list(self._tuner.task_names) if self._tuner is not None else []
 
-    def _gate_logs(self, recorder: Optional[RoutingRecorder], prefix: str, with_current: bool) -> dict[str, float]:
+    def _gate_logs(self, recorder: RoutingRecorder | None, prefix: str, with_current: bool) -> dict[str, float]:
         if recorder is None:
             return {}
         gates = recorder.take()

@@ -1,12 +1,36 @@
-"""Continual-learning metrics against hand-worked matrices."""
+"""Continual-learning metrics against hand-worked matrices; the driver, harnesses and baselines on tiny models; the
+benchmark suites and script."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import random
+from pathlib import Path
 
 import pytest
+import torch
+from peft import get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from peft_sparta.continual import average_accuracy, backward_transfer, forward_transfer, learning_accuracy
+from peft_sparta import SpaRTAConfig
+from peft_sparta.benchmark import suites
+from peft_sparta.benchmark.baselines import METHODS, make_method
+from peft_sparta.continual import (
+    CausalLMHarness,
+    ContinualArguments,
+    EmbeddingClassificationHarness,
+    Harness,
+    RoutingRecorder,
+    average_accuracy,
+    backward_transfer,
+    forward_transfer,
+    learning_accuracy,
+    train_sequence,
+)
+from peft_sparta.continual.driver import _routing_accuracy
 
 
 # a[i][j]: accuracy on task j after training task i; a[i][i+1] measured before task i+1 is trained.
@@ -63,22 +87,6 @@ def test_missing_entries_raise():
 
 
 # ---- driver, harnesses and baselines on tiny models -----------------------------------------------------------------
-
-import json  # noqa: E402
-
-import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-
-from peft_sparta import suites  # noqa: E402
-from peft_sparta.baselines import METHODS, make_method  # noqa: E402
-from peft_sparta.continual import (  # noqa: E402
-    CausalLMHarness,
-    ContinualArguments,
-    EmbeddingClassificationHarness,
-    RoutingRecorder,
-    train_sequence,
-)
 
 
 def word_tokenizer(texts) -> PreTrainedTokenizerFast:
@@ -177,11 +185,6 @@ def test_o_lora_freezes_old_adapters_and_penalises_overlap(classification):
 
 
 def test_sparta_model_passed_directly_and_routing_recorded(classification):
-    import peft_sparta  # noqa: F401
-    from peft import get_peft_model
-
-    from peft_sparta import SpaRTAConfig
-
     tasks, tokenizer = classification
     harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
     model = get_peft_model(tiny_encoder(len(tokenizer)), SpaRTAConfig(r_shared=2, r_task=4, target_modules=["query"]))
@@ -197,6 +200,12 @@ def test_sparta_model_passed_directly_and_routing_recorded(classification):
     gates = recorder.take()
     assert gates.shape == (len(tasks[0].test), len(tasks))
     assert torch.allclose(gates.sum(dim=-1), torch.ones(len(tasks[0].test)), atol=1e-5)
+
+
+def test_harnesses_implement_the_protocol(classification):
+    _, tokenizer = classification
+    assert isinstance(EmbeddingClassificationHarness(tokenizer), Harness)
+    assert isinstance(CausalLMHarness(tokenizer), Harness)
 
 
 def test_train_sequence_needs_a_method_for_a_plain_model(classification):
@@ -260,8 +269,6 @@ def test_classification_suite_is_deterministic_disjoint_and_label_sets_distinct(
 
 def write_standard_cl_files(root, per_label: int = 3) -> None:
     """Tiny train/test JSONL files per task, with the columns of the Hub copies."""
-    import random
-
     rng = random.Random(0)
     for name, spec in suites.STANDARD_CL_TASKS.items():
         folder = root / name
@@ -298,8 +305,9 @@ def test_standard_cl_suite_from_local_files(tmp_path, order):
 def test_standard_cl_text_to_text_and_errors(tmp_path):
     pytest.importorskip("datasets")
     write_standard_cl_files(tmp_path)
-    tasks = suites.standard_cl_suite(("ag", "yelp"), data_dir=tmp_path, train_per_label=1, test_per_label=1,
-                                     text_to_text=True)
+    tasks = suites.standard_cl_suite(
+        ("ag", "yelp"), data_dir=tmp_path, train_per_label=1, test_per_label=1, text_to_text=True
+    )
     assert tasks[0].train[0].text.startswith("What is the topic of the news? Options: world, sports, business")
     assert "\nText: ag train" in tasks[0].train[0].text
     assert tasks[1].labels[0] == "very negative"
@@ -313,9 +321,6 @@ def test_standard_cl_text_to_text_and_errors(tmp_path):
 
 
 def load_benchmark_script():
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "continual.py"
     spec = importlib.util.spec_from_file_location("bench_continual", path)
     module = importlib.util.module_from_spec(spec)
@@ -374,31 +379,6 @@ def test_benchmark_cli_on_minilm(tmp_path):
 
 
 def test_routing_accuracy_counts_abstained_inputs_as_misrouted():
-    from peft_sparta.continual import _routing_accuracy
-
     gates_by_task = {0: torch.tensor([[1.0, 0.0], [0.0, 0.0]]), 1: torch.tensor([[0.1, 0.9]])}
     accuracy, _ = _routing_accuracy(gates_by_task, stage=1, offset=0)
     assert accuracy == 2 / 3
-
-
-def test_recorder_scores_are_the_router_similarities_and_bad_quantity_is_an_error():
-    from peft import get_peft_model
-
-    from peft_sparta import SpaRTAConfig, SpaRTALayer
-    from peft_sparta.continual import RoutingRecorder
-    from tests.conftest import tiny_llama
-
-    model = get_peft_model(tiny_llama(), SpaRTAConfig(target_modules=["q_proj"], r_shared=2, r_task=4))
-    batch = torch.randint(0, 20, (3, 6))
-    model.train()
-    model(input_ids=batch)
-    model.eval()
-    layer = next(m for m in model.modules() if isinstance(m, SpaRTALayer))
-    with RoutingRecorder(model, quantity="scores") as recorder:
-        model(input_ids=batch)
-    scores = recorder.take()
-    query = model.base_model.routing_context.sequence_query
-    assert scores.shape == (3, 1) and torch.allclose(scores, layer.router_scores("default", query.unsqueeze(1))[:, 0])
-    assert (scores > 0.5).all(), "inputs score high against the prototypes built from them"
-    with pytest.raises(ValueError, match="quantity"):
-        RoutingRecorder(model, quantity="logits")

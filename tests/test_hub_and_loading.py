@@ -54,9 +54,7 @@ def test_push_to_hub_uploads_config_weights_and_card(monkeypatch, saved):
 
         def create_commit(self, repo_id, operations, **kwargs):
             captured["repo_id"] = repo_id
-            captured["files"] = {
-                op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations
-            }
+            captured["files"] = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
             return "commit"
 
     monkeypatch.setattr(transformers_hub, "hf_api", lambda: FakeApi())
@@ -148,7 +146,11 @@ def test_other_base_shapes_fail_clearly_and_leave_the_model_as_it_was(saved, inp
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2,
     )
     base = LlamaForCausalLM(config).eval()
@@ -161,7 +163,9 @@ def test_other_base_shapes_fail_clearly_and_leave_the_model_as_it_was(saved, inp
 
 def test_failed_second_adapter_keeps_the_first(saved, input_ids):
     _, folder = saved
-    model = get_peft_model(tiny_llama(), SpaRTAConfig(target_modules=["q_proj"], r_shared=2, r_task=4, init_weights=False))
+    model = get_peft_model(
+        tiny_llama(), SpaRTAConfig(target_modules=["q_proj"], r_shared=2, r_task=4, init_weights=False)
+    )
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits

@@ -196,7 +196,8 @@ def test_regularizers_are_added_to_loss_in_training_only(input_ids):
     loss = model(input_ids=input_ids, labels=input_ids).loss
     regularization = model.base_model.last_regularization
     assert regularization["orthogonality"] > 0
-    assert torch.allclose(train_loss, eval_loss)
+    assert torch.allclose(train_loss, loss)
+    assert torch.allclose(eval_loss + regularization["orthogonality"], loss, atol=1e-5)
     with torch.no_grad():
         model.eval()
         forced_eval = model(input_ids=input_ids, labels=input_ids).loss

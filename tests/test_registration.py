@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
@@ -79,7 +78,10 @@ print("ok")
 
 def _find_python(version: str) -> str | None:
     """A working interpreter of that version: on PATH, or under pyenv (whose shims fail for non-global versions)."""
-    candidates = [shutil.which(f"python{version}"), *glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}"))]
+    candidates = [
+        shutil.which(f"python{version}"),
+        *glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")),
+    ]
     for candidate in filter(None, candidates):
         if subprocess.run([candidate, "--version"], capture_output=True).returncode == 0:
             return candidate

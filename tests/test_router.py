@@ -13,7 +13,9 @@ def test_prototypes_are_the_means_of_their_assigned_queries():
     prototypes, counts = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
     prototype.update_prototypes(prototypes, counts, torch.stack([cluster_a[0], cluster_b[0]]))
     for batch in range(1, 20, 5):
-        prototype.update_prototypes(prototypes, counts, torch.cat([cluster_a[batch : batch + 5], cluster_b[batch : batch + 5]]))
+        prototype.update_prototypes(
+            prototypes, counts, torch.cat([cluster_a[batch : batch + 5], cluster_b[batch : batch + 5]])
+        )
     assert counts.tolist() == [20, 20]
     assert torch.allclose(prototypes[0], cluster_a.mean(0), atol=1e-6)
     assert torch.allclose(prototypes[1], cluster_b.mean(0), atol=1e-6)

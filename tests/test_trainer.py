@@ -71,11 +71,20 @@ def completion_rows(tok) -> list[dict]:
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:
-    settings = dict(
-        output_dir=str(tmp_path / "out"), max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=2e-2, logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-        seed=0, lr_scheduler_type="constant",
-    )  # fmt: skip
+    settings = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 16,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 2e-2,
+        "logging_steps": 4,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "lr_scheduler_type": "constant",
+    }
     settings.update(overrides)
     return TrainingArguments(**settings)
 

@@ -1,13 +1,25 @@
 """Kernels of the SpaRTA layer: the gated multi-branch low-rank product and the orthogonality penalty.
 
-Each op has an eager reference (also the "eager" backend) and a fused implementation: a torch autograd Function on any
-device, with Triton kernels on CUDA when Triton is installed (optional; imported only when used).
+One file per op (Liger-Kernel's layout): ``<op>.py`` holds the eager reference (also the "eager" backend), the torch
+implementation namespace, the autograd Function and the dispatcher; ``<op>_triton.py`` holds the Triton kernels and
+launchers under the same function names (CUDA; Triton is optional and imported only when that backend runs).
+backend.py resolves which implementation runs. BACKENDS and NORMS are the accepted values the config validates against.
 """
 
 from __future__ import annotations
 
+from .backend import BACKENDS, Backend
 from .gated_lowrank import gated_lowrank, gated_lowrank_reference
-from .orthogonality import orthogonality_penalty, orthogonality_penalty_reference
+from .orthogonality import NORMS, Norm, orthogonality_penalty, orthogonality_penalty_reference
 
 
-__all__ = ["gated_lowrank", "gated_lowrank_reference", "orthogonality_penalty", "orthogonality_penalty_reference"]
+__all__ = [
+    "BACKENDS",
+    "NORMS",
+    "Backend",
+    "Norm",
+    "gated_lowrank",
+    "gated_lowrank_reference",
+    "orthogonality_penalty",
+    "orthogonality_penalty_reference",
+]

@@ -4,8 +4,9 @@
 
 Block 0 is usually the shared branch (gate 1), the others are task branches gated by the router. Three
 implementations: the eager per-branch reference (what tests compare against, and the "eager" backend), and one fused
-`torch.autograd.Function` whose element-wise steps run either as torch ops ("torch", any device) or as Triton kernels
-("triton", CUDA; see triton_gate_scale.py).
+`torch.autograd.Function` whose element-wise steps (input dropout, per-column gate and scale) come from an
+implementation namespace that `gated_lowrank` picks once per call: `GatedLowRankTorch` below ("torch", any device) or
+the module gated_lowrank_triton ("triton", CUDA; imported only then), which expose the same functions.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-from .utils import resolve_backend
+from .backend import resolve_backend
 
 
 def gated_lowrank_reference(
@@ -58,36 +59,48 @@ def _membership(ranks: tuple[int, ...], scales: tuple[float, ...], like: torch.T
     return torch.block_diag(*rows)
 
 
-def _gate_scale_forward(h, gates, ranks, scales, use_triton):
-    """z = h * (g P): every column of block i multiplied by scale_i * gate_i of its row."""
-    if use_triton:
-        from . import triton_gate_scale
+class GatedLowRankTorch:
+    """The element-wise steps of `GatedLowRankFunction` as torch ops, for any device.
 
-        return triton_gate_scale.gate_scale_forward(h, gates, ranks, scales)
-    membership = _membership(ranks, scales, h)
-    return h * (membership.sum(dim=0) if gates is None else gates @ membership)
+    The module gated_lowrank_triton has the same functions with the same signatures, run as Triton kernels, so the
+    Function calls whichever namespace it is given and never branches on the backend itself.
+    """
 
+    @staticmethod
+    def dropout_forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """``(x * m / (1 - p), m, None)``: the dropped input and the bool keep-mask m that backward replays.
 
-def _gate_scale_backward(dz, h, gates, ranks, scales, use_triton):
-    """dh = dz * (g P) and, when h is given, dg = (dz * h) P^T (the per-block column sums times the scale)."""
-    if use_triton:
-        from . import triton_gate_scale
+        ``torch.native_dropout`` is the kernel ``F.dropout`` itself uses, so m equals the reference's mask under the
+        same RNG state. The Triton path returns a seed instead of a mask; this one has no seed.
+        """
+        x_dropped, mask = torch.native_dropout(x, p, True)
+        return x_dropped, mask, None
 
-        return triton_gate_scale.gate_scale_backward(dz, h, gates, ranks, scales)
-    membership = _membership(ranks, scales, dz)
-    dh = dz * (membership.sum(dim=0) if gates is None else gates @ membership)
-    return dh, (dz * h) @ membership.T if h is not None else None
+    @staticmethod
+    def dropout_replay(tensor: torch.Tensor, p: float, mask: torch.Tensor | None, seed: int | None) -> torch.Tensor:
+        """Multiply by the forward's m / (1 - p): rebuilds x_d from x, or turns dL/dx_d into dL/dx (seed unused)."""
+        return tensor * (mask.to(tensor.dtype) * (1.0 / (1.0 - p)))
 
+    @staticmethod
+    def gate_scale_forward(
+        h: torch.Tensor, gates: torch.Tensor | None, ranks: tuple[int, ...], scales: tuple[float, ...]
+    ) -> torch.Tensor:
+        """z = h * (g P): every column of block i multiplied by scale_i * gate_i of its row."""
+        membership = _membership(ranks, scales, h)
+        return h * (membership.sum(dim=0) if gates is None else gates @ membership)
 
-def _replay_dropout(ctx, tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Multiply by the forward's m / (1 - p): rebuilds x_d from x, or turns dL/dx_d into dL/dx."""
-    if ctx.dropout_p == 0:
-        return tensor
-    if ctx.use_triton:
-        from . import triton_gate_scale
-
-        return triton_gate_scale.dropout(tensor, ctx.dropout_p, ctx.seed)
-    return tensor * (mask.to(tensor.dtype) * (1.0 / (1.0 - ctx.dropout_p)))
+    @staticmethod
+    def gate_scale_backward(
+        dz: torch.Tensor,
+        h: torch.Tensor | None,
+        gates: torch.Tensor | None,
+        ranks: tuple[int, ...],
+        scales: tuple[float, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """dh = dz * (g P) and, when h is given, dg = (dz * h) P^T (the per-block column sums times the scale)."""
+        membership = _membership(ranks, scales, dz)
+        dh = dz * (membership.sum(dim=0) if gates is None else gates @ membership)
+        return dh, (dz * h) @ membership.T if h is not None else None
 
 
 class GatedLowRankFunction(torch.autograd.Function):
@@ -116,26 +129,20 @@ class GatedLowRankFunction(torch.autograd.Function):
     torch's CPU generator and the kernel derives each element's keep bit from Philox(seed, flat index), so backward
     regenerates the identical mask from the seed. Both draws come from torch's RNG, which activation checkpointing
     saves and restores, so a recomputed forward reproduces the mask.
+
+    ``impl`` is the namespace of those element-wise steps, `GatedLowRankTorch` or the gated_lowrank_triton module,
+    chosen by `gated_lowrank`; it is not a tensor and gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, gates, scales, dropout_p, use_triton, *weights):
+    def forward(ctx, x, gates, scales, dropout_p, impl, *weights):
         n = len(scales)
         ranks = tuple(a.shape[0] for a in weights[:n])
-        mask = seed = None
-        if dropout_p > 0 and use_triton:
-            from . import triton_gate_scale
-
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-            x_dropped = triton_gate_scale.dropout(x, dropout_p, seed)
-        elif dropout_p > 0:
-            x_dropped, mask = torch.native_dropout(x, dropout_p, True)
-        else:
-            x_dropped = x
+        x_dropped, mask, seed = impl.dropout_forward(x, dropout_p) if dropout_p > 0 else (x, None, None)
         h = F.linear(x_dropped, _stack(weights[:n], dim=0))
-        z = _gate_scale_forward(h, gates, ranks, scales, use_triton)
+        z = impl.gate_scale_forward(h, gates, ranks, scales)
         ctx.save_for_backward(x, gates, mask, *weights)
-        ctx.ranks, ctx.scales, ctx.dropout_p, ctx.use_triton, ctx.seed = ranks, scales, dropout_p, use_triton, seed
+        ctx.ranks, ctx.scales, ctx.dropout_p, ctx.impl, ctx.seed = ranks, scales, dropout_p, impl, seed
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return F.linear(z, _stack(weights[n:], dim=1))
@@ -150,28 +157,31 @@ class GatedLowRankFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy):
         x, gates, mask, *weights = ctx.saved_tensors
-        ranks, scales, use_triton = ctx.ranks, ctx.scales, ctx.use_triton
+        ranks, scales, impl, p = ctx.ranks, ctx.scales, ctx.impl, ctx.dropout_p
         n = len(ranks)
         need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_a, need_b = ctx.needs_input_grad[5 : 5 + n], ctx.needs_input_grad[5 + n :]
         starts = [sum(ranks[:i]) for i in range(n + 1)]
         a_grads, b_grads, dx, dgates = [None] * n, [None] * n, None, None
 
-        x_dropped = _replay_dropout(ctx, x, mask) if any(need_a + need_b) or need_gates else None
+        def replay_dropout(tensor):
+            return tensor if p == 0 else impl.dropout_replay(tensor, p, mask, ctx.seed)
+
+        x_dropped = replay_dropout(x) if any(need_a + need_b) or need_gates else None
         h = F.linear(x_dropped, _stack(weights[:n], dim=0)) if any(need_b) or need_gates else None
         if any(need_b):
-            z = _gate_scale_forward(h, gates, ranks, scales, use_triton)
+            z = impl.gate_scale_forward(h, gates, ranks, scales)
             for i in range(n):
                 if need_b[i]:
                     b_grads[i] = dy.T @ z[:, starts[i] : starts[i + 1]]
         if need_x or any(need_a) or need_gates:
             dz = dy @ _stack(weights[n:], dim=1)
-            dh, dgates = _gate_scale_backward(dz, h if need_gates else None, gates, ranks, scales, use_triton)
+            dh, dgates = impl.gate_scale_backward(dz, h if need_gates else None, gates, ranks, scales)
             for i in range(n):
                 if need_a[i]:
                     a_grads[i] = dh[:, starts[i] : starts[i + 1]].T @ x_dropped
             if need_x:
-                dx = _replay_dropout(ctx, dh @ _stack(weights[:n], dim=0), mask)
+                dx = replay_dropout(dh @ _stack(weights[:n], dim=0))
         return dx, dgates, None, None, None, *a_grads, *b_grads
 
 
@@ -229,5 +239,9 @@ def gated_lowrank(
     flat_gates = None if gates is None else gates.to(x.dtype).expand(*lead, len(a_blocks)).reshape(-1, len(a_blocks))
     p = float(dropout_p) if training else 0.0
     scales = tuple(float(scale) for scale in scales)
-    out = GatedLowRankFunction.apply(flat_x, flat_gates, scales, p, backend == "triton", *a_blocks, *b_blocks)
+    if backend == "triton":
+        from . import gated_lowrank_triton as impl
+    else:
+        impl = GatedLowRankTorch
+    out = GatedLowRankFunction.apply(flat_x, flat_gates, scales, p, impl, *a_blocks, *b_blocks)
     return out.reshape(*lead, out.shape[-1])

@@ -1,21 +1,24 @@
 """Orthogonality penalty between the row spaces of a down-projection and a stack of others.
 
 Two implementations: the eager per-block reference (what tests compare against, and the "eager" backend), and one
-fused `torch.autograd.Function` whose GEMMs run either as torch ops ("torch", any device) or as Triton kernels
-("triton", CUDA; see triton_orthogonality.py). The Function keeps the other blocks as they are given instead of saving
-a stacked copy of them for backward, so the penalty's memory does not grow with the number of frozen tasks.
+fused `torch.autograd.Function` whose GEMMs come from an implementation namespace that `orthogonality_penalty` picks
+once per call: `OrthogonalityTorch` below ("torch", any device) or the module orthogonality_triton ("triton", CUDA;
+imported only then), which expose the same functions. The Function keeps the other blocks as they are given instead
+of saving a stacked copy of them for backward, so the penalty's memory does not grow with the number of frozen tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 
-from .utils import resolve_backend
+from .backend import resolve_backend
 
 
-NORMS = ("fro", "l1")
+Norm = Literal["fro", "l1"]
+NORMS = get_args(Norm)
 
 
 def orthogonality_penalty_reference(left: torch.Tensor, right: torch.Tensor, norm: str = "fro") -> torch.Tensor:
@@ -32,25 +35,27 @@ def orthogonality_penalty_reference(left: torch.Tensor, right: torch.Tensor, nor
     raise ValueError(f"orth_norm must be 'fro' or 'l1', got {norm!r}.")
 
 
-def _overlap_loss_and_grad(left, right, l1: bool, store_grad: bool, use_triton: bool):
-    """sum f(O) with O = left right^T, and G = dL/dO (fp32) when store_grad."""
-    if use_triton:
-        from . import triton_orthogonality
+class OrthogonalityTorch:
+    """The two GEMM steps of `OrthogonalityPenaltyFunction` as torch ops, for any device.
 
-        return triton_orthogonality.orthogonality_forward(left, right, l1, store_grad)
-    overlap = left @ right.T
-    loss = overlap.abs().sum() if l1 else overlap.pow(2).sum()
-    grad = (overlap.sign() if l1 else 2.0 * overlap).float() if store_grad else None
-    return loss, grad
+    The module orthogonality_triton has the same functions with the same signatures (its launchers, which accumulate in
+    fp32), so the Function calls whichever namespace it is given and never branches on the backend itself.
+    """
 
+    @staticmethod
+    def orthogonality_forward(
+        left: torch.Tensor, right: torch.Tensor, l1: bool, store_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """sum f(O) with O = left right^T, and G = dL/dO (fp32) when store_grad."""
+        overlap = left @ right.T
+        loss = overlap.abs().sum() if l1 else overlap.pow(2).sum()
+        grad = (overlap.sign() if l1 else 2.0 * overlap).float() if store_grad else None
+        return loss, grad
 
-def _grad_times(grad: torch.Tensor, other: torch.Tensor, dloss: torch.Tensor, use_triton: bool) -> torch.Tensor:
-    """dloss * grad @ other, in other's dtype (grad may be a transposed view)."""
-    if use_triton:
-        from . import triton_orthogonality
-
-        return triton_orthogonality.orthogonality_backward(grad, other, dloss)
-    return (dloss.float() * (grad @ other.float())).to(other.dtype)
+    @staticmethod
+    def orthogonality_backward(grad: torch.Tensor, other: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
+        """dloss * grad @ other, in other's dtype (grad may be a transposed view)."""
+        return (dloss.float() * (grad @ other.float())).to(other.dtype)
 
 
 class OrthogonalityPenaltyFunction(torch.autograd.Function):
@@ -60,14 +65,17 @@ class OrthogonalityPenaltyFunction(torch.autograd.Function):
     d right = dL * G^T left, split into the blocks. Saved: left, the right blocks themselves (parameters, no copy) and
     G (M x N, fp32, tiny next to the operands, stored only when an input needs a gradient); the stacked right is
     rebuilt in backward and freed at once. Gradients are computed only for blocks that require them.
+
+    ``impl`` is the namespace of the two GEMM steps, `OrthogonalityTorch` or the orthogonality_triton module, chosen by
+    `orthogonality_penalty`; it is not a tensor and gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, left, use_triton, l1, *right_blocks):
+    def forward(ctx, left, impl, l1, *right_blocks):
         right = torch.cat(right_blocks).contiguous()
         store_grad = any(ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:])
-        loss, grad = _overlap_loss_and_grad(left.contiguous(), right, l1, store_grad, use_triton)
-        ctx.use_triton = use_triton
+        loss, grad = impl.orthogonality_forward(left.contiguous(), right, l1, store_grad)
+        ctx.impl = impl
         ctx.save_for_backward(left, grad, *right_blocks)
         return loss.to(left.dtype)
 
@@ -77,10 +85,10 @@ class OrthogonalityPenaltyFunction(torch.autograd.Function):
         block_grads = ctx.needs_input_grad[3:]
         d_left = None
         if ctx.needs_input_grad[0]:
-            d_left = _grad_times(grad, torch.cat(right_blocks).contiguous(), dloss, ctx.use_triton)
+            d_left = ctx.impl.orthogonality_backward(grad, torch.cat(right_blocks).contiguous(), dloss)
         d_blocks = [None] * len(right_blocks)
         if any(block_grads):
-            d_right = _grad_times(grad.T, left.contiguous(), dloss, ctx.use_triton)
+            d_right = ctx.impl.orthogonality_backward(grad.T, left.contiguous(), dloss)
             sizes = [block.shape[0] for block in right_blocks]
             d_blocks = [d if needed else None for d, needed in zip(d_right.split(sizes), block_grads)]
         return d_left, None, None, *d_blocks
@@ -109,4 +117,8 @@ def orthogonality_penalty(
         return sum(orthogonality_penalty_reference(left, block, norm) for block in blocks)
     dtype = torch.promote_types(left.dtype, blocks[0].dtype)
     blocks = [block.to(dtype) for block in blocks]
-    return OrthogonalityPenaltyFunction.apply(left.to(dtype), backend == "triton", norm == "l1", *blocks)
+    if backend == "triton":
+        from . import orthogonality_triton as impl
+    else:
+        impl = OrthogonalityTorch
+    return OrthogonalityPenaltyFunction.apply(left.to(dtype), impl, norm == "l1", *blocks)

@@ -53,7 +53,7 @@ class RoutingContext:
             return
         batch, length = tokens.shape[:2]
         if extends_cached_sequence(kwargs, length):
-            cached = getattr(kwargs.get("past_key_values"), CACHED_QUERY, None)
+            cached = getattr(kv_cache(kwargs), CACHED_QUERY, None)
             if cached is not None and cached.shape[0] == batch:
                 self.sequence_query, self.token_mask = cached, None
                 return
@@ -79,6 +79,13 @@ def prompt_mask(valid: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Te
     return torch.where(has_prompt, prompt, valid)
 
 
+def kv_cache(arguments: dict):
+    """The KV cache among a model call's arguments or outputs (``cache`` since transformers 5, else
+    ``past_key_values``), or None."""
+    cache = arguments.get("cache")
+    return cache if cache is not None else arguments.get("past_key_values")
+
+
 def extends_cached_sequence(kwargs: dict, length: int) -> bool:
     """Whether a forward continues a sequence whose earlier tokens sit in a KV cache (a generation decode step).
 
@@ -87,6 +94,5 @@ def extends_cached_sequence(kwargs: dict, length: int) -> bool:
     attention_mask = kwargs.get("attention_mask")
     if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and attention_mask.shape[1] > length:
         return True
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    cached_length = getattr(cache, "get_seq_length", None)
+    cached_length = getattr(kv_cache(kwargs), "get_seq_length", None)
     return cached_length is not None and cached_length() > 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 
-TRITON_MODULES = ("peft_sparta.kernels.triton_gate_scale", "peft_sparta.kernels.triton_orthogonality")
+TRITON_MODULES = ("peft_sparta.kernels.gated_lowrank_triton", "peft_sparta.kernels.orthogonality_triton")
 
 # Fused vs reference, same dtype: fp32 differs by summation order only; half precisions by their rounding of h, z and
 # the scale/gate products, which the reference rounds at other points.

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 import torch
-from peft_sparta.kernels import gated_lowrank, gated_lowrank_reference
 from torch.utils.checkpoint import checkpoint
+
+from peft_sparta.kernels import gated_lowrank, gated_lowrank_reference
 
 from .conftest import TOLERANCES, dtype_supported
 
@@ -265,7 +266,8 @@ def test_activation_checkpointing_with_dropout(backend):
 
 @pytest.mark.parametrize("gate_mode", ["token", "none"])
 def test_torch_compile_traces_one_graph(gate_mode):
-    """The Function traces into a single graph (dynamo + AOTAutograd) and matches the reference, dropout mask included."""
+    """The Function traces into a single graph (dynamo + AOTAutograd) and matches the reference, dropout mask
+    included."""
     case = make_case(2, 7, gate_mode)
     torch.manual_seed(5)
     expected = run(gated_lowrank_reference, *case, dropout_p=0.2, training=True)
@@ -291,14 +293,15 @@ def test_backend_dispatch(monkeypatch):
     monkeypatch.setattr(
         gated_module.GatedLowRankFunction, "apply", lambda *args: calls.append(args[4]) or real_apply(*args)
     )
+    torch_ops = gated_module.GatedLowRankTorch
     monkeypatch.delenv("SPARTA_KERNEL_BACKEND", raising=False)
     gated_lowrank(*case)  # auto on CPU: fused torch path
     gated_lowrank(*case, backend="auto")
     monkeypatch.setenv("SPARTA_KERNEL_BACKEND", "eager")
     gated_lowrank(*case)
-    assert calls == [False, False]
+    assert calls == [torch_ops, torch_ops]
     gated_lowrank(*case, backend="torch")  # an explicit backend wins over the environment
-    assert calls == [False, False, False]
+    assert calls == [torch_ops, torch_ops, torch_ops]
     with pytest.raises(ValueError, match="'auto', 'eager', 'torch', 'triton'"):
         gated_lowrank(*case, backend="cuda")
     monkeypatch.setenv("SPARTA_KERNEL_BACKEND", "fast")

@@ -14,7 +14,12 @@ SPARTA_TEST_CASES = [
     ("Vanilla MLP 4 SpaRTA", "MLP", SpaRTAConfig, {"target_modules": ["lin0"], "modules_to_save": ["lin1"], **RANKS}),
     ("Vanilla MLP 5 SpaRTA", "MLP", SpaRTAConfig, {"target_modules": ["lin0"], "dropout": 0.1, **RANKS}),
     ("Vanilla MLP 6 SpaRTA", "MLP", SpaRTAConfig, {"target_modules": ["lin0", "lin1"], "use_rslora": True, **RANKS}),
-    ("Vanilla MLP 7 SpaRTA", "MLP", SpaRTAConfig, {"target_modules": ["lin0"], "r_shared": 0, "r_task": 4, "alpha_task": 4}),
+    (
+        "Vanilla MLP 7 SpaRTA",
+        "MLP",
+        SpaRTAConfig,
+        {"target_modules": ["lin0"], "r_shared": 0, "r_task": 4, "alpha_task": 4},
+    ),
     ("Vanilla MLP 8 SpaRTA", "MLP", SpaRTAConfig, {"target_modules": ["lin0"], "kernel_backend": "eager", **RANKS}),
     ("Embedding + transformers Conv1D 1 SpaRTA", "EmbConv1D", SpaRTAConfig, {"target_modules": ["conv1d"], **RANKS}),
 ]

@@ -1,10 +1,11 @@
 """Triton kernels of the orthogonality penalty ``sum f(left @ right^T)`` (f = square or abs) and its gradient.
 
-Forward: each program computes one (BLOCK_M, BLOCK_N) tile of the overlap O = left right^T in fp32, writes its share of
-the loss to a per-tile slot (summed afterwards: deterministic, no atomics) and, when a gradient will be needed, the
-tile of dL/dO. Backward: two GEMMs of dL/dO against the other operand, by one kernel that reads dL/dO through strides so
-that its transpose costs no copy. The autograd Function that calls these launchers is in orthogonality.py; this module
-is imported lazily by the "triton" backend only (Triton is optional).
+Forward: each program computes one (BLOCK_M, BLOCK_N) tile of the overlap O = left right^T in fp32, writes its share
+of the loss to a per-tile slot (summed afterwards: deterministic, no atomics) and, when a gradient will be needed, the
+tile of dL/dO. Backward: two GEMMs of dL/dO against the other operand, by one kernel that reads dL/dO through strides
+so that its transpose costs no copy. The module is the "triton" implementation namespace of the autograd Function in
+orthogonality.py: its launchers have the names and signatures of `OrthogonalityTorch`'s functions. It is imported
+lazily by the "triton" backend only (Triton is optional).
 """
 
 from __future__ import annotations
@@ -141,4 +142,3 @@ def orthogonality_backward(grad: torch.Tensor, other: torch.Tensor, dloss: torch
             BLOCK_K=BLOCK_K,
         )
     return out
-

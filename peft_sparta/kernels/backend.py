@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from typing import Literal, get_args
 
 import torch
 
 
-BACKENDS = ("auto", "eager", "torch", "triton")
+Backend = Literal["auto", "eager", "torch", "triton"]
+BACKENDS = get_args(Backend)
 ENV_VAR = "SPARTA_KERNEL_BACKEND"
 
 

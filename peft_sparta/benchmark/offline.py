@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,8 +39,6 @@ def minilm_dir() -> Path:
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """SmolLM2-135M-Instruct as a transformers LlamaForCausalLM (dequantised from GGUF) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
@@ -51,7 +50,5 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 
 def load_minilm(dtype: torch.dtype = torch.float32):
     """all-MiniLM-L6-v2 as a transformers BertModel and its tokenizer."""
-    from transformers import AutoModel, AutoTokenizer
-
     folder = minilm_dir()
     return AutoModel.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)

@@ -18,84 +18,59 @@ the same data, steps and trainable rank. Baselines (r = r_shared + r_task, the r
 from __future__ import annotations
 
 import re
-import types
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from peft import LoraConfig, OSFConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..continual.methods import Method, SpaRTAMethod
+from ..layer import sparta_layers
+from ..routers import Router
 
-__all__ = ["METHODS", "LoRAMethod", "Method", "OLoRAMethod", "OSFMethod", "SpaRTAMethod", "make_method"]
 
-
-class Method:
-    """One continual-learning method: how to wrap the base model and what to do at each task boundary."""
-
-    name: str = "method"
-    #: trains on the union of all tasks at once (the multi-task upper bound) instead of in sequence
-    multitask: bool = False
-    #: the model holds a SpaRTA adapter whose router can be recorded
-    is_sparta: bool = False
-
-    def build(self, base_model: nn.Module, task_names: list[str]) -> nn.Module:
-        raise NotImplementedError
-
-    def begin_task(self, model: nn.Module, index: int, task_name: str, num_tasks: int) -> nn.Module:
-        """Called before training task ``index`` (also for the first task); returns the model to train."""
-        return model
-
-    def extra_loss(self, model: nn.Module) -> Optional[torch.Tensor]:
-        """A loss the method adds to the task loss at every step (besides what the model adds itself)."""
-        return None
+__all__ = [
+    "METHODS",
+    "AllBranchesRouter",
+    "LoRAMethod",
+    "OLoRAMethod",
+    "OSFMethod",
+    "SpaRTANoRouterMethod",
+    "make_method",
+]
 
 
 @dataclass
-class SpaRTAMethod(Method):
-    """SpaRTA: one `SpaRTAConfig`; ``add_task`` at each new task. ``routing="sum"`` is the no-router ablation."""
+class SpaRTANoRouterMethod(SpaRTAMethod):
+    """No-router ablation: every SpaRTA layer computes all its task branches with gate 1 (their outputs sum, as
+    O-LoRA's adapters do), in training and at inference; old branches stay frozen. SpaRTA has no config for this
+    (the router is the method), so the benchmark installs `AllBranchesRouter` in place of each layer's router."""
 
-    name: str = "sparta"
-    target_modules: Any = None
-    config: dict = field(default_factory=dict)
-    routing: str = "router"
-    is_sparta: bool = True
+    routes: bool = False
 
     def build(self, base_model, task_names):
-        from peft import get_peft_model
-
-        from .config import SpaRTAConfig
-
-        config = SpaRTAConfig(target_modules=self.target_modules, task_names=[task_names[0]], **self.config)
-        model = get_peft_model(base_model, config)
-        if self.routing == "sum":
-            sum_all_task_branches(model)
-        return model
-
-    def begin_task(self, model, index, task_name, num_tasks):
-        if task_name not in model.base_model.task_names:
-            model.base_model.add_task(task_name)
+        model = super().build(base_model, task_names)
+        for layer in sparta_layers(model):
+            for adapter_name, router in layer.sparta_router.items():
+                layer.sparta_router[adapter_name] = AllBranchesRouter(
+                    router.config, router.granularity, router.query_dim
+                )
         return model
 
 
-def sum_all_task_branches(model) -> None:
-    """No-router ablation: every SpaRTA layer computes all its task branches with gate 1 (their outputs sum, as
-    O-LoRA's adapters do), in training and at inference; old branches stay frozen.
+class AllBranchesRouter(Router):
+    """Routes every input to every task branch with gate 1, in training and at inference."""
 
-    SpaRTA has no config for this (the router is the method); it is done here by replacing each layer's ``route``.
-    """
-    from .layer import SpaRTALayer
+    def route(self, x, context, branches, training):
+        return list(range(len(branches))), None
 
-    def route_all(layer, adapter_name, x):
-        return list(range(layer.num_tasks(adapter_name))), None
-
-    for module in model.modules():
-        if isinstance(module, SpaRTALayer):
-            module.route = types.MethodType(route_all, module)
+    def scores(self, queries, branches):
+        return queries.new_zeros(*queries.shape[:-1], len(branches))
 
 
 def _lora_config(target_modules, rank: int, alpha: float, task_type=None):
-    from peft import LoraConfig
-
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, task_type=task_type)
 
 
@@ -108,11 +83,9 @@ class LoRAMethod(Method):
     rank: int = 40
     alpha: float = 80
     multitask: bool = False
-    task_type: Optional[str] = None
+    task_type: str | None = None
 
     def build(self, base_model, task_names):
-        from peft import get_peft_model
-
         return get_peft_model(base_model, _lora_config(self.target_modules, self.rank, self.alpha, self.task_type))
 
 
@@ -125,11 +98,9 @@ class OLoRAMethod(Method):
     rank: int = 40
     alpha: float = 80
     orth_lambda: float = 0.5
-    task_type: Optional[str] = None
+    task_type: str | None = None
 
     def build(self, base_model, task_names):
-        from peft import get_peft_model
-
         config = _lora_config(self.target_modules, self.rank, self.alpha, self.task_type)
         return get_peft_model(base_model, config, adapter_name=task_names[0])
 
@@ -144,8 +115,6 @@ class OLoRAMethod(Method):
         return model
 
     def extra_loss(self, model):
-        from peft.tuners.lora import LoraLayer
-
         current = model.base_model.active_adapters[-1]
         terms = []
         for module in model.modules():
@@ -172,8 +141,6 @@ class OSFMethod(Method):
         return base_model
 
     def _config(self, model: nn.Module, trainable_rank: int):
-        from peft import OSFConfig
-
         targets = _matching_linear_modules(model, self.target_modules)
         if not targets:
             raise ValueError(f"OSF found no nn.Linear module matching {self.target_modules!r}.")
@@ -185,8 +152,6 @@ class OSFMethod(Method):
         return OSFConfig(target_modules=self.target_modules, effective_rank=first, rank_pattern=pattern)
 
     def begin_task(self, model, index, task_name, num_tasks):
-        from peft import PeftModel, get_peft_model
-
         if isinstance(model, PeftModel):
             model = model.merge_and_unload()
         trainable = self.rank * (num_tasks - index) if self.progressive else self.rank
@@ -218,7 +183,7 @@ METHODS: dict[str, tuple[type, dict]] = {
     "osf": (OSFMethod, {}),
     "osf_progressive": (OSFMethod, {"progressive": True}),
     "mtl_lora": (LoRAMethod, {"multitask": True}),
-    "sparta_no_router": (SpaRTAMethod, {"routing": "sum"}),
+    "sparta_no_router": (SpaRTANoRouterMethod, {}),
     "sparta_no_shared": (SpaRTAMethod, {"config": {"r_shared": 0}}),
     "sparta_no_orth": (SpaRTAMethod, {"config": {"orth_lambda": 0.0}}),
     "sparta_spectral_init": (SpaRTAMethod, {"config": {"init_weights": "spectral"}}),
@@ -235,8 +200,8 @@ def make_method(
     target_modules,
     r_shared: int = 8,
     r_task: int = 32,
-    task_type: Optional[str] = None,
-    sparta_overrides: Optional[dict] = None,
+    task_type: str | None = None,
+    sparta_overrides: dict | None = None,
 ) -> Method:
     """The method ``name`` of `METHODS` at total rank r_shared + r_task per task. LoRA baselines use alpha = 2 r
     (scale 2, as SpaRTA's default alpha / r); ``sparta_overrides`` are extra `SpaRTAConfig` fields for SpaRTA runs."""
@@ -245,13 +210,13 @@ def make_method(
     cls, overrides = METHODS[name]
     overrides = dict(overrides)
     rank = r_shared + r_task
-    if cls is SpaRTAMethod:
+    if issubclass(cls, SpaRTAMethod):
         config = {"r_shared": r_shared, "r_task": r_task, "task_type": task_type, **(sparta_overrides or {})}
         config.update(overrides.pop("config", {}))
         if config["r_shared"] == 0:
             config["r_task"] = rank
             config["alpha_task"] = 2.0 * rank
-        return SpaRTAMethod(name=name, target_modules=target_modules, config=config, **overrides)
+        return cls(name=name, target_modules=target_modules, config=config, **overrides)
     if cls is OSFMethod:
         return OSFMethod(name=name, target_modules=target_modules, rank=rank, **overrides)
     return cls(name=name, target_modules=target_modules, rank=rank, alpha=2.0 * rank, task_type=task_type, **overrides)

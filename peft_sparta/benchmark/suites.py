@@ -16,9 +16,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 
 __all__ = [
@@ -92,7 +92,7 @@ _DOMAINS = {
         "recipe", "bakery", "chef", "sourdough bread", "tomato soup", "frying pan", "oven", "pastry", "spices",
         "dessert", "kitchen", "omelette",
     ],
-}
+}  # fmt: skip
 _ALL_DOMAIN_WORDS = [word for words in _DOMAINS.values() for word in words]
 _CITIES = ["tokyo", "chicago", "lagos", "sydney", "toronto", "mumbai", "cairo", "lima", "oslo", "seoul", "denver"]
 _NAMES = ["anna", "omar", "li wei", "maria", "john", "fatima", "kenji", "sofia", "david", "amara", "lucas", "mei"]
@@ -127,7 +127,7 @@ _POLARITY = {
                  "outstanding", "perfect"],
     "negative": ["terrible", "awful", "disappointing", "horrible", "useless", "broken", "dreadful", "poor", "annoying",
                  "faulty"],
-}
+}  # fmt: skip
 
 
 def _sentiment(rng: random.Random, label: str) -> str:
@@ -151,7 +151,7 @@ _INTENTS = {
                       "find flights to {city} on {day}", "reserve a flight from {city} to {city2}"],
     "weather forecast": ["will it rain in {city} on {day}", "how hot will it be in {city}",
                          "is it going to snow in {city}", "what is the forecast for {city} on {day}"],
-}
+}  # fmt: skip
 
 
 def _intent(rng: random.Random, label: str) -> str:
@@ -162,15 +162,15 @@ def _intent(rng: random.Random, label: str) -> str:
 
 _ROLES = ["scientist", "engineer", "writer", "teacher", "doctor", "artist"]
 _QUESTIONS = {
-    "person": ["who invented the {w}", "which {role} first described the {w}", "who was the first {role} to praise "
-               "the {w}", "whose idea was the {w}"],
+    "person": ["who invented the {w}", "which {role} first described the {w}",
+               "who was the first {role} to praise the {w}", "whose idea was the {w}"],
     "place": ["where was the {w} first found", "in which city is the {w} kept", "where can i see the {w}",
               "which country built the first {w}"],
     "date": ["when was the {w} introduced", "in what year did the {w} appear", "on which day does the {w} open",
              "what century saw the first {w}"],
     "quantity": ["how many people attended the {w}", "how much does the {w} cost", "how many {w} fans are there",
                  "what is the number of {w} sold"],
-}
+}  # fmt: skip
 
 
 def _question(rng: random.Random, label: str) -> str:
@@ -188,7 +188,7 @@ _LANGUAGES = {
                 "abuela", "zapato", "manana"],
     "italian": ["ciao", "gelato", "piazza", "grazie", "spaghetti", "bellissimo", "ragazzo", "finestra", "farfalla",
                 "cappuccino", "buongiorno", "stazione"],
-}
+}  # fmt: skip
 
 
 def _language(rng: random.Random, label: str) -> str:
@@ -272,7 +272,7 @@ def classification_suite(
     seed: int = 0,
     train_per_label: int = 48,
     test_per_label: int = 16,
-    tasks: Optional[list[str]] = None,
+    tasks: list[str] | None = None,
     boilerplate: bool = False,
 ) -> list[Task]:
     """The offline text-classification sequence (default: topic, sentiment, intent, question, language, emotion).
@@ -293,7 +293,7 @@ def classification_suite(
         train, test = [], []
         for label in labels:
 
-            def make(r, label=label):
+            def make(r, label=label, generator=generator):
                 text = generator(r, label)
                 return Example(_wrap_in_boilerplate(r, text) if boilerplate else text, label)
 
@@ -316,12 +316,12 @@ _NOUNS = [
     "jacket", "kitten", "ladder", "marble", "needle", "orange", "parrot", "rabbit", "saddle", "tunnel", "velvet",
     "wagon", "button", "carpet", "donkey", "engine", "falcon", "helmet", "lemon", "magnet", "napkin", "pepper",
     "puzzle", "silver", "ticket", "violin", "walnut", "anchor", "bridge", "castle", "desert", "feather", "glove",
-]
+]  # fmt: skip
 _PLURAL_NOUNS = [
     "box", "church", "brush", "fox", "bus", "glass", "city", "baby", "party", "story", "cherry", "penny", "lady",
     "dish", "watch", "tax", "kiss", "berry", "pony", "lily", "match", "wish", "bench", "family",
     *_NOUNS,
-]
+]  # fmt: skip
 
 
 def _number_words(n: int) -> str:
@@ -384,7 +384,7 @@ GENERATION_TASKS = tuple(_GENERATION_TASKS)
 
 
 def generation_suite(
-    seed: int = 0, train_size: int = 64, test_size: int = 24, tasks: Optional[list[str]] = None
+    seed: int = 0, train_size: int = 64, test_size: int = 24, tasks: list[str] | None = None
 ) -> list[Task]:
     """Five instruction tasks with short answers scored by exact match (the prompt alone identifies nothing but
     the request, as a user would write it). Deterministic in ``seed``; train and test prompts never overlap."""
@@ -444,7 +444,7 @@ STANDARD_CL_TASKS: dict[str, dict] = {
         "text": ("question_title", "question_content", "best_answer"),
         "label": "topic",
     },
-}
+}  # fmt: skip
 
 #: The three task orders of the Standard CL benchmark as used by LFPT5, Progressive Prompts and O-LoRA (T5-large).
 STANDARD_CL_ORDERS = {
@@ -463,14 +463,14 @@ _STANDARD_INSTRUCTIONS = {
 
 
 def standard_cl_suite(
-    order: Union[int, tuple[str, ...]] = 1,
-    data_dir: Optional[Union[str, Path]] = None,
+    order: int | tuple[str, ...] = 1,
+    data_dir: str | Path | None = None,
     train_per_label: int = 1000,
     test_per_label: int = 500,
     seed: int = 0,
     max_chars: int = 512,
     text_to_text: bool = False,
-    datasets_override: Optional[dict[str, str]] = None,
+    datasets_override: dict[str, str] | None = None,
 ) -> list[Task]:
     """The Standard CL benchmark (Zhang et al., 2015 datasets) as a task sequence.
 

@@ -5,8 +5,11 @@ down-projection output h is (N, R) with the columns of block i in [bounds[i], bo
 for row t is scales[i] * gates[t, i]. Each program owns a tile of rows and one block, so the gate-gradient reduction
 over the block's columns needs no atomics and is deterministic.
 
-Imported lazily by the "triton" backend only (Triton is optional). With TRITON_INTERPRET=1 set before this module is
-imported, the kernels run in Triton's CPU interpreter, which is how the tests exercise them without a GPU.
+The module is the "triton" implementation namespace of `GatedLowRankFunction` (gated_lowrank.py): it exposes the
+functions of `GatedLowRankTorch` with the same signatures (dropout_forward, dropout_replay, gate_scale_forward,
+gate_scale_backward). Imported lazily by the "triton" backend only (Triton is optional). With TRITON_INTERPRET=1 set
+before this module is imported, the kernels run in Triton's CPU interpreter, which is how the tests exercise them
+without a GPU.
 """
 
 from __future__ import annotations
@@ -112,6 +115,20 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         grid = (triton.cdiv(x.numel(), DROPOUT_BLOCK_SIZE),)
         _dropout_kernel[grid](x, out, x.numel(), p, seed, BLOCK_SIZE=DROPOUT_BLOCK_SIZE)
     return out
+
+
+def dropout_forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """``(x * m / (1 - p), None, seed)``: the dropped input, no stored mask, and the seed that regenerates m.
+
+    The seed is drawn from torch's CPU generator, whose state activation checkpointing saves and restores.
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return dropout(x, p, seed), None, seed
+
+
+def dropout_replay(tensor: torch.Tensor, p: float, mask: torch.Tensor | None, seed: int | None) -> torch.Tensor:
+    """Multiply by the forward's m / (1 - p), regenerated from its seed (mask unused: this path stores none)."""
+    return dropout(tensor, p, seed)
 
 
 def _launch_config(h: torch.Tensor, ranks: tuple[int, ...], scales: tuple[float, ...]):

@@ -1,0 +1,31 @@
+"""Continual learning with SpaRTA: the metrics over an accuracy matrix (`metrics`), the harnesses that give a task's
+loss and task-free accuracy (`harness`), the sequence driver `train_sequence` (`driver`) with the `Method` protocol and `SpaRTAMethod` (`methods`), and the routing recorder
+(`peft_sparta.routers.recorder`), re-exported here.
+
+The methods, suites and offline models of the benchmark are in `peft_sparta.benchmark`.
+"""
+
+from __future__ import annotations
+
+from ..routers.recorder import RoutingRecorder
+from .driver import ContinualArguments, ContinualResult, train_sequence
+from .harness import CausalLMHarness, EmbeddingClassificationHarness, Harness
+from .methods import Method, SpaRTAMethod
+from .metrics import average_accuracy, backward_transfer, forward_transfer, learning_accuracy
+
+
+__all__ = [
+    "CausalLMHarness",
+    "ContinualArguments",
+    "ContinualResult",
+    "EmbeddingClassificationHarness",
+    "Harness",
+    "Method",
+    "RoutingRecorder",
+    "SpaRTAMethod",
+    "average_accuracy",
+    "backward_transfer",
+    "forward_transfer",
+    "learning_accuracy",
+    "train_sequence",
+]
