@@ -7,7 +7,7 @@ must `import peft_sparta` first: PEFT has no plugin discovery and otherwise fail
 
 from __future__ import annotations
 
-from . import hub
+from . import hub, trainer
 from .config import SpaRTAConfig
 from .errors import SpaRTALoadError
 from .layer import Linear, SpaRTALayer
@@ -19,6 +19,7 @@ __version__ = "0.1.0.dev0"
 
 register_sparta(SpaRTAConfig, SpaRTAModel)
 hub.install()
+trainer.install()
 
 __all__ = [
     "PEFT_TYPE_SPARTA",

@@ -14,7 +14,8 @@ from transformers.pytorch_utils import Conv1D
 from .config import SpaRTAConfig
 from .initialization import init_branch, scaling
 from .kernels import gated_lowrank, orthogonality_penalty
-from .routers import Branches, Router, RoutingContext, make_router
+from .regularizers import attach_penalty
+from .routers import Branches, Router, Routing, RoutingContext, is_recomputation, make_router
 
 
 class SpaRTALayer(BaseTunerLayer):
@@ -184,12 +185,12 @@ class SpaRTALayer(BaseTunerLayer):
     def router(self, adapter_name: str) -> Router:
         return self.sparta_router[adapter_name]
 
-    def route(self, adapter_name: str, x: torch.Tensor) -> tuple[list[int], Optional[torch.Tensor]]:
-        """Which task branches to compute for ``x`` and their gates (None: each selected branch has gate 1): the
-        forced task (``set_task``) alone, else what the router decides (see `Router.route`)."""
+    def route(self, adapter_name: str, x: torch.Tensor) -> Routing:
+        """Which task branches to compute for ``x``, their gates (None: each selected branch has gate 1) and the
+        router's loss: the forced task (``set_task``) alone, else what the router decides (see `Router.route`)."""
         forced = self.forced_task[adapter_name]
         if forced is not None:
-            return [forced], None
+            return Routing([forced])
         return self.router(adapter_name).route(x, self.routing_context, self.branches(adapter_name), self.training)
 
     def router_gates(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -210,9 +211,8 @@ class SpaRTALayer(BaseTunerLayer):
 
     # ---- computation -------------------------------------------------------------------------------------------------
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution for input x: shared branch plus routed task branches."""
-        tasks, gates = self.route(adapter_name, x)
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, tasks: list[int], gates) -> torch.Tensor:
+        """The adapter's contribution for input x: shared branch plus the task branches ``tasks`` with ``gates``."""
         shared = adapter_name in self.sparta_A_shared
         if not tasks and not shared:
             return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -232,6 +232,29 @@ class SpaRTALayer(BaseTunerLayer):
         return gated_lowrank(
             x, a_blocks, b_blocks, scales, gates, config.dropout, self.training, backend=config.kernel_backend
         )
+
+    def regularizers(self, adapter_name: str, router_loss: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This layer's weighted regularizers in a training forward: the orthogonality penalty and the router loss."""
+        config = self.sparta_settings[adapter_name]
+        values = {} if router_loss is None else {"router": router_loss}
+        orthogonality = self.orthogonality_loss(adapter_name) if config.orth_lambda > 0 else None
+        if orthogonality is not None:
+            values["orthogonality"] = config.orth_lambda * orthogonality
+        return values
+
+    def _attach_regularizers(self, adapter_name: str, result: torch.Tensor, router_loss) -> torch.Tensor:
+        """Report this layer's regularizers and attach them to its output, so that any loss computed from the model's
+        outputs trains them (see `peft_sparta.regularizers`)."""
+        values = self.regularizers(adapter_name, router_loss)
+        if not values:
+            return result
+        context = self.routing_context
+        if context is not None and not is_recomputation():
+            context.report(values)
+        penalty = sum(values.values())
+        if not torch.is_grad_enabled() or not penalty.requires_grad:
+            return result
+        return attach_penalty(result, penalty, context.penalty_scale if context is not None else 1.0)
 
     def orthogonality_loss(self, adapter_name: str) -> torch.Tensor | None:
         """Overlap of the trainable down-projections with every other branch of this adapter: the current task's
@@ -337,8 +360,12 @@ class Linear(nn.Module, SpaRTALayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for adapter_name in self.active_adapters:
-            if adapter_name in self.sparta_A_task:
-                result = result + self.adapter_delta(adapter_name, x).to(result.dtype)
+            if adapter_name not in self.sparta_A_task:
+                continue
+            routing = self.route(adapter_name, x)
+            result = result + self.adapter_delta(adapter_name, x, routing.tasks, routing.gates).to(result.dtype)
+            if self.training:
+                result = self._attach_regularizers(adapter_name, result, routing.loss)
         return result
 
     def __repr__(self) -> str:

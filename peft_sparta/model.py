@@ -23,7 +23,6 @@ from .layer import Linear, SpaRTALayer, sparta_layers
 from .optimizer_guard import guard_optimizers_of
 from .routers import RoutingContext
 from .routers.context import CACHED_QUERY, kv_cache
-from .utils import module_device
 
 
 #: Every SpaRTA tuner alive in this process (to tell whether a config object is shared between models).
@@ -42,9 +41,10 @@ class SpaRTAModel(BaseTuner):
     Creates a SpaRTA model from a pretrained transformers model.
 
     Every targeted linear layer gets a shared low-rank branch, one high-rank branch per task and a router; see
-    [`SpaRTAConfig`]. The model adds tasks (`add_task`), forces or releases routing (`set_task`), and, in training
-    mode, adds its regularizers to `outputs.loss` inside forward, as transformers' MoE models add their auxiliary
-    loss, so any trainer trains it unchanged.
+    [`SpaRTAConfig`]. The model adds and removes tasks (`add_task`, `remove_task`), forces or releases routing
+    (`set_task`), and in training mode attaches its regularizers to each adapted layer's output (see
+    `peft_sparta.regularizers`), so that whatever loss a trainer computes from the outputs trains them too;
+    `outputs.loss` is the task loss alone and `last_regularization` holds the regularizers' values.
 
     Args:
         model ([`torch.nn.Module`]): The model to be adapted.
@@ -72,6 +72,7 @@ class SpaRTAModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self.routing_context = RoutingContext()
+        self.last_regularization: dict[str, torch.Tensor] = {}
         self._hook_handles: list = []
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
@@ -203,49 +204,34 @@ class SpaRTAModel(BaseTuner):
         )
 
     def _after_forward_hook(self, module, args, kwargs, output):
-        """Tie the routing decided for this forward to its KV cache (its decode steps reuse it), and in training mode
-        add the regularizers to the loss the model computed (MoE auxiliary-loss convention)."""
+        """Tie the routing decided for this forward to its KV cache (its decode steps reuse it), and keep the
+        regularizer values of a training forward for logging."""
+        if module.training and self.routing_context.regularization:
+            self.last_regularization = dict(self.routing_context.regularization)
         if not isinstance(output, dict):
             return None
         cache = kv_cache(output)
         query = self.routing_context.sequence_query
         if query is not None and hasattr(cache, "get_seq_length"):
             setattr(cache, CACHED_QUERY, query)
-        loss = output.get("loss")
-        if not module.training or loss is None:
-            return None
-        output["loss"] = loss + self.regularization_loss().to(loss.dtype)
-        return output
+        return None
 
     # ---- regularizers ------------------------------------------------------------------------------------------------
 
-    def regularization_losses(self) -> dict[str, torch.Tensor]:
-        """The weighted orthogonality and router losses of the active adapters, summed over adapted layers.
+    @property
+    def penalty_scale(self) -> float:
+        """Weight of the regularizers' gradient in each backward: 1 by default (one backward per optimizer step).
 
-        The router loss is the one of the last training forward (learned router); both are 0 when not applicable.
-        Reading them changes nothing.
+        With gradient accumulation over n micro-batches set it to 1 / n, and with fp16 loss scaling multiply it by
+        the loss scale, so that the penalty is counted once per optimizer step; the Trainer callback does both.
         """
-        orth = []
-        for layer in sparta_layers(self.model):
-            for name in layer.active_adapters:
-                if name not in layer.sparta_A_task or self.peft_config[name].orth_lambda == 0:
-                    continue
-                config = self.peft_config[name]
-                penalty = layer.orthogonality_loss(name)
-                if penalty is not None:
-                    orth.append(config.orth_lambda * penalty)
-        router = self.routing_context.router_losses
-        zero = torch.zeros((), device=module_device(self.model))
-        return {
-            "orthogonality": torch.stack(orth).sum() if orth else zero,
-            "router": torch.stack(router).sum() if router else zero,
-        }
+        return self.routing_context.penalty_scale
 
-    def regularization_loss(self) -> torch.Tensor:
-        """Weighted sum of the regularizers, as added to `outputs.loss` in training mode."""
-        losses = self.regularization_losses()
-        self.last_regularization = {name: value.detach() for name, value in losses.items()}
-        return sum(losses.values())
+    @penalty_scale.setter
+    def penalty_scale(self, scale: float) -> None:
+        if not scale > 0:
+            raise ValueError(f"penalty_scale must be > 0, got {scale!r}.")
+        self.routing_context.penalty_scale = float(scale)
 
     # ---- continual API -----------------------------------------------------------------------------------------------
 

@@ -1,7 +1,15 @@
-"""Trainer integration: log SpaRTA's regularizers and router weights with the Hugging Face Trainer (and TRL).
+"""Trainer integration: the regularizers' weight per optimizer step, and SpaRTA's values in the Trainer logs.
 
-SpaRTA needs no Trainer subclass: in training mode the model adds its regularizers to ``outputs.loss`` itself. This
-callback only makes them visible:
+SpaRTA needs no Trainer subclass: in training mode every adapted layer attaches its regularizers to its output (see
+`peft_sparta.regularizers`), so the Trainer, TRL's trainers and custom losses all train them. `import peft_sparta`
+makes every `transformers.Trainer` (TRL's included) that trains a SpaRTA model add a `SpaRTACallback`, which
+
+- sets the regularizers' gradient weight at every optimizer step to 1 / (micro-batches in the step), times the
+  fp16 loss scale when mixed precision scales the loss, so that ``orth_lambda`` means the same whatever the
+  batch size, gradient accumulation or number of processes;
+- logs the regularizers next to the Trainer's ``loss``, which is the task loss alone.
+
+Created by hand (``callbacks=[SpaRTACallback()]`` or `SpaRTACallback.attach(trainer)`), it also logs the router:
 
     from peft_sparta.trainer import SpaRTACallback
 
@@ -23,8 +31,10 @@ puts the callback first so that they report these values too.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .model import find_sparta_tuner
 from .routers.recorder import RoutingRecorder
@@ -40,11 +50,14 @@ class SpaRTACallback(TrainerCallback):
         prefix (`str`, defaults to `"sparta/"`): prefix of the logged keys.
         routing (`bool`, defaults to `True`): record router gates (one extra score computation per adapted layer and
             forward, small next to the layer itself); False logs the regularizers only.
+        trainer (`Trainer`, *optional*): the trainer, set by `attach` and by the automatic registration; it gives
+            the micro-batches of each step and the fp16 loss scale (without it, ``gradient_accumulation_steps``).
     """
 
-    def __init__(self, prefix: str = "sparta/", routing: bool = True) -> None:
+    def __init__(self, prefix: str = "sparta/", routing: bool = True, trainer=None) -> None:
         self.prefix = prefix
         self.routing = routing
+        self.trainer = trainer
         self._tuner = None
         self._train_recorder: RoutingRecorder | None = None
         self._eval_recorder: RoutingRecorder | None = None
@@ -53,9 +66,12 @@ class SpaRTACallback(TrainerCallback):
 
     @classmethod
     def attach(cls, trainer, **kwargs) -> SpaRTACallback:
-        """Create the callback and put it first among ``trainer``'s callbacks, before the reporting integrations."""
-        callback = cls(**kwargs)
-        trainer.callback_handler.callbacks.insert(0, callback)
+        """Create the callback and put it first among ``trainer``'s callbacks, before the reporting integrations, in
+        place of any SpaRTACallback the trainer had."""
+        callbacks = trainer.callback_handler.callbacks
+        callbacks[:] = [callback for callback in callbacks if not isinstance(callback, SpaRTACallback)]
+        callback = cls(trainer=trainer, **kwargs)
+        callbacks.insert(0, callback)
         return callback
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
@@ -85,6 +101,18 @@ class SpaRTACallback(TrainerCallback):
         self._tuner = None
 
     # ---- regularizers -----------------------------------------------------------------------------------------------
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._ensure(model)
+        if self._tuner is not None:
+            self._tuner.penalty_scale = self._penalty_scale(args)
+
+    def _penalty_scale(self, args) -> float:
+        """1 / (micro-batches of this optimizer step) times the fp16 loss scale, as the Trainer scales its loss."""
+        micro_batches = getattr(self.trainer, "current_gradient_accumulation_steps", None)
+        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return loss_scale / (micro_batches or args.gradient_accumulation_steps)
 
     def _collect(self) -> None:
         values = getattr(self._tuner, "last_regularization", None) if self._tuner is not None else None
@@ -137,3 +165,27 @@ class SpaRTACallback(TrainerCallback):
         logs.update(added)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(added)
+
+
+def install() -> None:
+    """Make every `transformers.Trainer` (and subclass) built on a SpaRTA model carry a `SpaRTACallback`, once per
+    process: the callback sets the regularizers' weight per optimizer step, which correct training needs."""
+    if getattr(Trainer, "_sparta_integration", False):
+        return
+    Trainer.__init__ = _with_sparta_callback(Trainer.__init__)
+    Trainer._sparta_integration = True
+
+
+def _with_sparta_callback(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if find_sparta_tuner(self.model) is None:
+            return
+        present = [callback for callback in self.callback_handler.callbacks if isinstance(callback, SpaRTACallback)]
+        for callback in present:
+            callback.trainer = self
+        if not present:
+            SpaRTACallback.attach(self, routing=False)
+
+    return __init__

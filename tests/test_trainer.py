@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 import peft_sparta  # noqa: F401
@@ -19,12 +20,24 @@ ANSWERS = [str(a + b) for a in range(6) for b in range(4)]
 OTHER_PROMPTS = [f"repeat the word {w}" for w in ("red", "blue", "green", "cat", "dog", "sun")]
 
 
+#: a chat template with the `{% generation %}` markers TRL needs for ``assistant_only_loss``
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : "
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }} [EOS] {% endgeneration %}"
+    "{% else %}{{ message['content'] }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
 def tokenizer() -> PreTrainedTokenizerFast:
-    words = sorted({w for text in PROMPTS + ANSWERS + OTHER_PROMPTS for w in text.split()} | {"=", "is"})
+    words = {w for text in PROMPTS + ANSWERS + OTHER_PROMPTS for w in text.split()}
+    words = sorted(words | {"=", "is", "user", "assistant", ":"})
     vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
@@ -97,6 +110,8 @@ def check_logs(history: list[dict], router: str = "prototype") -> None:
     logs = train_logs(history)
     assert len(logs) >= 3
     assert logs[-1]["loss"] < logs[0]["loss"], [entry["loss"] for entry in logs]
+    # the trainer trains the penalty, whatever loss it computes: it falls from the first log to the last
+    assert logs[-1]["sparta/orthogonality"] < 0.5 * logs[0]["sparta/orthogonality"]
     for entry in logs:
         assert entry["sparta/orthogonality"] > 0
         assert entry["sparta/gate/task_0"] + entry["sparta/gate/add"] == pytest.approx(1.0, abs=1e-4)
@@ -141,7 +156,7 @@ def test_callback_values_reach_other_callbacks_through_on_log(tmp_path):
     assert any("sparta/orthogonality" in logs for logs in seen)
 
 
-def run_sft(tmp_path, kernel_backend=None, **overrides):
+def run_sft(tmp_path, kernel_backend=None, conversational=False, **overrides):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     tok = tokenizer()
@@ -149,9 +164,17 @@ def run_sft(tmp_path, kernel_backend=None, **overrides):
     if kernel_backend is not None:
         for config in model.peft_config.values():
             config.kernel_backend = kernel_backend
-    data = datasets.Dataset.from_dict(
-        {"prompt": [p + " =" for p in PROMPTS], "completion": [" " + a for a in ANSWERS]}
-    )
+    if conversational:
+        messages = [
+            [{"role": "user", "content": p + " ="}, {"role": "assistant", "content": a}]
+            for p, a in zip(PROMPTS, ANSWERS)
+        ]
+        data = datasets.Dataset.from_dict({"messages": messages})
+        overrides = {"assistant_only_loss": True, **overrides}
+    else:
+        data = datasets.Dataset.from_dict(
+            {"prompt": [p + " =" for p in PROMPTS], "completion": [" " + a for a in ANSWERS]}
+        )
     config = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=2e-2, logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
@@ -169,6 +192,10 @@ def test_trl_sft_trainer_prompt_completion(tmp_path):
     check_logs(run_sft(tmp_path, bf16=False).state.log_history)
 
 
+def test_trl_sft_trainer_conversational_assistant_only_loss(tmp_path):
+    check_logs(run_sft(tmp_path, conversational=True, bf16=False).state.log_history)
+
+
 def test_trl_sft_trainer_bf16_autocast_eager_backend(tmp_path):
     # SFTConfig turns bf16 autocast on by default (also on CPU)
     check_logs(run_sft(tmp_path, kernel_backend="eager").state.log_history)
@@ -176,3 +203,37 @@ def test_trl_sft_trainer_bf16_autocast_eager_backend(tmp_path):
 
 def test_trl_sft_trainer_bf16_autocast_fused_backend(tmp_path):
     check_logs(run_sft(tmp_path).state.log_history)
+
+
+def first_step_gradients(tmp_path, batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+    """The adapter's gradients at the Trainer's first optimizer step, for one effective batch of 8 rows."""
+    tok = tokenizer()
+    model = sparta_model(len(tok))
+    for config in model.peft_config.values():
+        config.orth_lambda = 50.0  # the penalty dominates, so a wrong weight shows
+    grads = {}
+
+    def capture(optimizer, args, kwargs):
+        if not grads:
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    handle = register_optimizer_step_pre_hook(capture)
+    try:
+        args = training_args(
+            tmp_path, max_steps=1, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+            max_grad_norm=0.0,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=Rows(completion_rows(tok)[:8])).train()
+    finally:
+        handle.remove()
+    return grads
+
+
+def test_gradient_accumulation_does_not_change_the_gradient(tmp_path):
+    """bs 8 x ga 1 and bs 2 x ga 4 train the same objective, orthogonality penalty included (the callback that sets
+    its weight per step is added by `import peft_sparta`, not by the test)."""
+    whole = first_step_gradients(tmp_path / "a", batch_size=8, accumulation=1)
+    accumulated = first_step_gradients(tmp_path / "b", batch_size=2, accumulation=4)
+    assert whole.keys() == accumulated.keys() and any("sparta_A_task" in name for name in whole)
+    for name in whole:
+        assert torch.allclose(whole[name], accumulated[name], rtol=1e-4, atol=1e-6), name

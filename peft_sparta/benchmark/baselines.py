@@ -28,7 +28,7 @@ from torch import nn
 
 from ..continual.methods import Method, SpaRTAMethod
 from ..layer import sparta_layers
-from ..routers import Router
+from ..routers import Router, Routing
 
 
 __all__ = [
@@ -64,7 +64,7 @@ class AllBranchesRouter(Router):
     """Routes every input to every task branch with gate 1, in training and at inference."""
 
     def route(self, x, context, branches, training):
-        return list(range(len(branches))), None
+        return Routing(list(range(len(branches))))
 
     def scores(self, queries, branches):
         return queries.new_zeros(*queries.shape[:-1], len(branches))

@@ -206,8 +206,6 @@ def _train_steps(model, tasks, trained: list[int], steps: int, args, harness, me
     pool = [(index, example) for index in trained for example in tasks[index].train]
     rng = random.Random(f"{args.seed}-{'+'.join(tasks[i].name for i in trained)}")
     order: list = []
-    tuner = find_sparta_tuner(model)
-    add_regularization = tuner is not None and not harness.model_adds_regularization
     union = len(trained) > 1 and args.multitask_label_space == "union"
     label_space = _candidates(tasks, len(tasks) - 1) if union else None
     recent: list[float] = []
@@ -220,8 +218,6 @@ def _train_steps(model, tasks, trained: list[int], steps: int, args, harness, me
             order += fresh
         batch, order = order[: args.batch_size], order[args.batch_size :]
         loss = harness.mixed_loss(model, [(tasks[index], example) for index, example in batch], label_space)
-        if add_regularization:
-            loss = loss + tuner.regularization_loss()
         extra = method.extra_loss(model)
         if extra is not None:
             loss = loss + extra

@@ -28,10 +28,6 @@ class Harness(Protocol):
     """What `train_sequence` asks of a harness: the loss of a mixed batch, the task-free accuracy of a task, and the
     general-ability drift on unrelated text."""
 
-    #: whether the model adds SpaRTA's regularizers to the loss `mixed_loss` returns (a causal LM called with labels
-    #: does); if not, the driver adds ``regularization_loss()`` to it for SpaRTA models
-    model_adds_regularization: bool
-
     def prepare(self, model: nn.Module, tasks: Sequence) -> None:
         """Called once with the untrained model (adapter a no-op) and every task, before any measurement."""
 
@@ -68,8 +64,6 @@ class EmbeddingClassificationHarness:
     encoder towards the newest task's labels shows it as forgetting. Training loss: cross-entropy over the current
     task's label embeddings of cosine / temperature (old label names are not used: no rehearsal of any kind).
     """
-
-    model_adds_regularization = False
 
     def __init__(self, tokenizer, max_length: int = 64, temperature: float = 0.05, eval_batch_size: int = 64):
         self.tokenizer = tokenizer
@@ -152,12 +146,10 @@ class CausalLMHarness:
 
     The prompt is the task input followed by ``"\\nAnswer:"``; the target is ``" " + answer`` and EOS. In training the
     labels are `IGNORE_INDEX` (-100) on the prompt (completion-only loss, so SpaRTA builds its router state from the
-    prompt alone, as at inference) and the model itself adds SpaRTA's regularizers to ``outputs.loss``. At test time
+    prompt alone, as at inference). At test time
     the answer is generated greedily from the prompt alone and compared, stripped, to the target (candidate labels are
     not used).
     """
-
-    model_adds_regularization = True
 
     def __init__(self, tokenizer, max_length: int = 128, max_new_tokens: int = 8, eval_batch_size: int = 32):
         self.tokenizer = tokenizer

@@ -7,7 +7,7 @@ and add it to `ROUTERS` under the name `SpaRTAConfig.router` takes.
 
 from __future__ import annotations
 
-from .base import Branches, Router, gates_from_scores
+from .base import Branches, Router, Routing, gates_from_scores, is_recomputation
 from .context import IGNORE_INDEX, RoutingContext, prompt_mask
 from .learned import LearnedRouter
 from .prototype import PrototypeRouter
@@ -33,9 +33,11 @@ __all__ = [
     "LearnedRouter",
     "PrototypeRouter",
     "Router",
+    "Routing",
     "RoutingContext",
     "SpectralRouter",
     "gates_from_scores",
+    "is_recomputation",
     "make_router",
     "prompt_mask",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -17,11 +17,21 @@ from .context import RoutingContext
 Branches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
+class Routing(NamedTuple):
+    """What a router decided for one layer input: the task branches to compute, their gates (None: gate 1 each) and,
+    in training, the router's own loss (learned router) to add to the regularizers."""
+
+    tasks: list[int]
+    gates: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+
+
 class Router(nn.Module):
     """Decides which task branches of one adapter act on an input, and builds each task's state while it trains.
 
     Subclasses implement `scores` (each task's best cosine similarity to the query) and may override `learn` (what
-    a training forward of the current task teaches the router) and `add_task` (a new task slot; older state frozen).
+    a training forward of the current task teaches the router's state), `loss` (a differentiable router loss) and
+    `add_task` / `remove_task` / `frozen_parameters` for their state.
     The gates are a softmax over tasks of score / temperature, optionally restricted to the top k tasks and zeroed
     for an input whose best score is under the abstain threshold.
 
@@ -63,8 +73,12 @@ class Router(nn.Module):
         """Each task's score (..., tasks) for unit queries (..., d)."""
         raise NotImplementedError
 
-    def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> Optional[torch.Tensor]:
-        """Teach the router the current (last) task from a training input; returns a loss to add, or None."""
+    def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> None:
+        """Update the router's state for the current (last) task from a training input (once per input: not when
+        gradient checkpointing recomputes the forward)."""
+
+    def loss(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> Optional[torch.Tensor]:
+        """The weighted router loss of a training input for the current task, or None."""
         return None
 
     def add_task(self) -> None:
@@ -82,28 +96,23 @@ class Router(nn.Module):
         config = self.config
         return gates_from_scores(scores, config.router_temperature, config.top_k, config.router_abstain_threshold)
 
-    def route(
-        self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches, training: bool
-    ) -> tuple[list[int], Optional[torch.Tensor]]:
-        """Which task branches to compute for ``x`` and their gates (None: each selected branch has gate 1).
+    def route(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches, training: bool) -> Routing:
+        """Which task branches to compute for ``x``, their gates and the router's loss.
 
         In training the current task is routed to its own branch while the router learns it (not again when
         gradient checkpointing recomputes the forward in backward); at inference the router decides per input,
         computing only the branches some input uses.
         """
         tasks = len(branches)
-        if training and _is_recomputation():
-            return [tasks - 1], None
         if training:
-            loss = self.learn(x, context, branches)
-            if loss is not None and context is not None:
-                context.router_losses.append(loss)
-            return [tasks - 1], None
+            if not is_recomputation():
+                self.learn(x, context, branches)
+            return Routing([tasks - 1], None, self.loss(x, context, branches))
         if self._is_constant(tasks):
-            return [0], None
+            return Routing([0])
         gates = self.decide(x, context, branches)
         used = gates.reshape(-1, tasks).amax(dim=0).nonzero().flatten().tolist()
-        return used, gates[..., used]
+        return Routing(used, gates[..., used])
 
     def decide(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> torch.Tensor:
         """The gates (..., tasks) the router gives ``x`` at inference, with no side effect."""
@@ -136,7 +145,7 @@ def random_projection(source_dim: int, target_dim: int) -> torch.Tensor:
     return torch.randn(source_dim, target_dim, generator=generator) / math.sqrt(target_dim)
 
 
-def _is_recomputation() -> bool:
+def is_recomputation() -> bool:
     """Whether this forward runs inside a backward pass: gradient checkpointing recomputing activations."""
     return torch._C._current_graph_task_id() != -1
 

@@ -21,21 +21,30 @@ IGNORE_INDEX = -100
 
 @dataclass
 class RoutingContext:
-    """Per-forward information computed once by the model and read by every SpaRTA layer.
+    """What the SpaRTA layers of one model share: per forward, the routing inputs computed once by the model and the
+    regularizer values the layers report; across forwards, the regularizers' gradient weight.
 
     sequence_query: (batch, dim) masked mean of the input embeddings, for sequence routing.
     token_mask: (batch, seq) bool, positions whose queries build the router state in training (the prompt part).
-    router_losses: the weighted router losses the layers computed in this forward (learned router, training).
+    regularization: the weighted regularizers of this forward, summed over layers (detached, for logging).
+    penalty_scale: weight of the regularizers' gradient in each backward (see `peft_sparta.regularizers`).
     """
 
     sequence_query: Optional[torch.Tensor] = None
     token_mask: Optional[torch.Tensor] = None
-    router_losses: list[torch.Tensor] = field(default_factory=list)
+    regularization: dict[str, torch.Tensor] = field(default_factory=dict)
+    penalty_scale: float = 1.0
 
     def clear(self) -> None:
         self.sequence_query = None
         self.token_mask = None
-        self.router_losses = []
+        self.regularization = {}
+
+    def report(self, values: dict[str, torch.Tensor]) -> None:
+        """Add one layer's regularizer values to this forward's totals."""
+        for name, value in values.items():
+            total = self.regularization.get(name)
+            self.regularization[name] = value.detach() if total is None else total + value.detach()
 
     def begin_forward(self, args: tuple, kwargs: dict, embeddings: Optional[nn.Embedding], sequence: bool) -> None:
         """Set the context from a model call's arguments; ``sequence``: whether any layer routes per sequence.
@@ -44,7 +53,7 @@ class RoutingContext:
         cache it continues (so interleaved conversations, each with its cache, keep their own routing); a decode step
         whose cache holds no query is routed from its new tokens.
         """
-        self.router_losses = []
+        self.regularization = {}
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         inputs_embeds = kwargs.get("inputs_embeds")
         tokens = input_ids if input_ids is not None else inputs_embeds

@@ -23,7 +23,7 @@ class LearnedRouter(Router):
     def scores(self, queries: torch.Tensor, branches: Branches) -> torch.Tensor:
         return key_scores(queries, torch.stack(list(self.keys)))
 
-    def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> Optional[torch.Tensor]:
+    def loss(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> Optional[torch.Tensor]:
         queries = self.state_queries(x, self.queries(x, context), context)
         if queries.shape[0] == 0:
             return None
