@@ -14,7 +14,7 @@ from .registration import PEFT_TYPE_SPARTA
 
 
 #: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: Fields read at every forward, so that changing them on `peft_config` takes effect at once.
 RUN_TIME_FIELDS = frozenset(
@@ -196,6 +196,11 @@ class SpaRTAConfig(PeftConfig):
         self.task_names = list(self.task_names) if self.task_names is not None else ["task_0"]
         self._validate()
         self.__dict__["_validated"] = True
+
+    def to_dict(self) -> dict:
+        """The config as saved: ``format_version`` is the version of the files written now, also for an adapter that
+        was loaded from an older version."""
+        return {**super().to_dict(), "format_version": FORMAT_VERSION}
 
     def __setattr__(self, name: str, value) -> None:
         """Store numbers of other libraries (numpy, torch scalars) as Python numbers, and validate the settings that

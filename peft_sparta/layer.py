@@ -68,11 +68,17 @@ class SpaRTALayer(BaseTunerLayer):
             )
 
     def update_layer(
-        self, adapter_name: str, config: SpaRTAConfig, granularity: str, query_dim: Optional[int] = None
+        self,
+        adapter_name: str,
+        config: SpaRTAConfig,
+        granularity: str,
+        query_dim: Optional[int] = None,
+        router_owner: Optional[Router] = None,
     ) -> None:
         """Create the adapter ``adapter_name`` with one branch per task of ``config.task_names``.
 
-        ``query_dim``: size of the model's input embeddings, the queries of sequence routing.
+        ``query_dim``: size of the model's input embeddings, the queries of sequence routing. ``router_owner``: the
+        router of another layer of this adapter that holds the sequence-routing state, which this layer shares.
         """
         if granularity == "sequence" and query_dim is None:
             raise ValueError("Sequence routing needs the dimension of the model's input embeddings.")
@@ -83,7 +89,7 @@ class SpaRTALayer(BaseTunerLayer):
         self.scaling_task[adapter_name] = scaling(config.alpha_task, config.r_task, config.use_rslora)
         self.forced_task[adapter_name] = None
         self.sparta_router[adapter_name] = make_router(
-            config, granularity, query_dim if granularity == "sequence" else self.in_features
+            config, granularity, query_dim if granularity == "sequence" else self.in_features, router_owner
         )
         if config.r_shared > 0:
             a, b = self._new_branch(config.r_shared, torch.float32)
@@ -296,13 +302,14 @@ class Linear(nn.Module, SpaRTALayer):
         config: SpaRTAConfig,
         granularity: str,
         query_dim: Optional[int] = None,
+        router_owner: Optional[Router] = None,
         fan_in_fan_out: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()
         SpaRTALayer.__init__(self, base_layer, fan_in_fan_out=fan_in_fan_out, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, granularity, query_dim)
+        self.update_layer(adapter_name, config, granularity, query_dim, router_owner)
 
     def get_delta_weight(self, adapter_name: str, task: Optional[int] = None) -> torch.Tensor:
         """Weight update of the adapter with task branch ``task`` routed alone, in the base weight's layout."""

@@ -21,7 +21,7 @@ from .config import SpaRTAConfig
 from .errors import SpaRTALoadError
 from .layer import Linear, SpaRTALayer, sparta_layers
 from .optimizer_guard import guard_optimizers_of
-from .routers import RoutingContext
+from .routers import Router, RoutingContext
 from .routers.context import CACHED_QUERY, kv_cache
 
 
@@ -79,7 +79,9 @@ class SpaRTAModel(BaseTuner):
     # ---- injection ---------------------------------------------------------------------------------------------------
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        self._sequence_owners: dict[str, Router] = {}  # a plain dict: the owner is its layer's submodule, not ours
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._sequence_owners = {}
         _LIVE_TUNERS.add(self)
         guard_optimizers_of(self)
 
@@ -105,17 +107,26 @@ class SpaRTAModel(BaseTuner):
             raise ValueError("Current Key shouldn't be `None`")
         granularity = self._granularity(config)
         query_dim = self._embedding_dim() if granularity == "sequence" else None
+        owner = self._sequence_owners.get(adapter_name)
         if isinstance(target, SpaRTALayer):
-            target.update_layer(adapter_name, config, granularity, query_dim)
+            target.update_layer(adapter_name, config, granularity, query_dim, owner)
+            self._keep_sequence_owner(target, adapter_name, granularity)
             return
         new_module = self._create_new_module(
-            config, adapter_name, target, granularity=granularity, query_dim=query_dim
+            config, adapter_name, target, granularity=granularity, query_dim=query_dim, router_owner=owner
         )
+        self._keep_sequence_owner(new_module, adapter_name, granularity)
         new_module.routing_context = self.routing_context
         new_module.train(target.training)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _keep_sequence_owner(self, layer: SpaRTALayer, adapter_name: str, granularity: str) -> None:
+        """Under sequence routing, the first layer injected holds the adapter's router state; the layers injected
+        after it in the same injection share it."""
+        if granularity == "sequence" and adapter_name not in self._sequence_owners:
+            self._sequence_owners[adapter_name] = layer.sparta_router[adapter_name]
 
     @staticmethod
     def _create_new_module(config, adapter_name, target, **kwargs):
@@ -347,6 +358,11 @@ class SpaRTAModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        if config.format_version < 3:
+            # versions 1-2 stored the sequence router's state in every layer: keep the one layer that holds it now
+            remapped = {
+                key: value for key, value in remapped.items() if ".sparta_router." not in key or key in expected
+            }
         _check_checkpoint(expected, remapped, config, adapter_name)
         return remapped
 
@@ -379,11 +395,15 @@ def _current_key(key: str) -> str:
 
 
 def _is_quantized(layer: nn.Module) -> bool:
+    """Whether a layer holds quantized weights: integer weights, or a layer class or weight tensor class from a
+    quantization library's package (torchao keeps `nn.Linear` and swaps its weight for a tensor subclass whose dtype
+    stays floating point)."""
     weight = getattr(layer, "weight", None)
+    if weight is not None and not weight.dtype.is_floating_point:
+        return True
     quantized_libraries = ("bitsandbytes", "torchao", "auto_gptq", "gptqmodel", "awq", "optimum")
-    return (weight is not None and not weight.dtype.is_floating_point) or type(layer).__module__.startswith(
-        quantized_libraries
-    )
+    classes = [type(layer)] if weight is None else [type(layer), type(weight)]
+    return any(cls.__module__.split(".")[0] in quantized_libraries for cls in classes)
 
 
 def check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:

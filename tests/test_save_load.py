@@ -52,14 +52,42 @@ def test_multi_task_round_trip_is_bit_identical(tmp_path, input_ids, dtype, rout
         assert torch.equal(loaded(input_ids=input_ids).logits, expected)
 
 
-def test_loaded_adapter_continues_with_a_new_task(tmp_path, input_ids):
-    model = three_task_model()
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """Every SpaRTA tensor of the model, parameters and router buffers, by name."""
+    return dict(p for p in [*model.named_parameters(), *model.named_buffers()] if "sparta_" in p[0])
+
+
+@pytest.mark.parametrize("shared_update", ["freeze_after_first", "train"])
+def test_loaded_adapter_continues_with_a_new_task(tmp_path, input_ids, shared_update):
+    """After reloading with is_trainable=True and adding a task, the parameters of the finished tasks (and the shared
+    branch under "freeze_after_first") have requires_grad False and keep their values through training, as does the
+    finished tasks' router state; the new task's branch trains."""
+    model = three_task_model(shared_update=shared_update)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
     loaded.add_task("d")
-    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
-    assert trainable and all("task.default.3" in n or "_shared." in n for n in trainable)
+    shared_trains = shared_update == "train"
+    parameters = dict(loaded.named_parameters())
+    trainable = {name for name, param in parameters.items() if param.requires_grad}
+    expected = {
+        name
+        for name in parameters
+        if ".sparta_A_task.default.3" in name
+        or ".sparta_B_task.default.3" in name
+        or (shared_trains and "_shared.default" in name)
+    }
+    assert trainable == expected
+    assert any("_shared.default" in name for name in parameters) and any("_task.default.0" in name for name in parameters)
+    before = {name: tensor.detach().clone() for name, tensor in adapter_tensors(loaded).items()}
     train_steps(loaded, input_ids, steps=2)
+    after = adapter_tensors(loaded)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed & expected == expected, "every trainable tensor trains"
+    for name in changed - expected:
+        # the only other tensors that may change: the new task's slot of the router state
+        assert ".sparta_router." in name and name.endswith((".prototypes", ".counts")), name
+        assert torch.equal(before[name][:3], after[name][:3]), f"{name}: a finished task's router state changed"
+
     loaded.save_pretrained(tmp_path / "again")
     again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "again")
     assert again.task_names == ["a", "b", "c", "d"]
@@ -82,35 +110,63 @@ def test_auto_peft_model_for_causal_lm(tmp_path, input_ids):
         assert torch.equal(loaded(input_ids=input_ids).logits, expected)
 
 
-@pytest.mark.parametrize("router", ["prototype", "learned"])
-def test_format_version_1_files_load_to_the_same_outputs(tmp_path, input_ids, router):
-    """Version 1 kept the router state in layer-level containers (sparta_prototypes, sparta_prototype_counts,
-    sparta_router_keys); a file written then must load into today's routers unchanged."""
+#: router-state names of format version 1 (layer-level containers) and of versions 2-3 (the routers' own)
+VERSION_1_NAMES = {
+    ".sparta_router.prototypes": ".sparta_prototypes",
+    ".sparta_router.counts": ".sparta_prototype_counts",
+    ".sparta_router.keys.": ".sparta_router_keys.",
+}
+
+
+def _write_older_format(folder, version: int) -> None:
+    """Rewrite a saved adapter as versions 1-2 wrote it: the sequence router's state in every adapted layer (version
+    3 keeps it in the first), under version 1's names for version 1."""
     from safetensors.torch import save_file
 
+    weights = load_file(folder / "adapter_model.safetensors")
+    router_keys = [key for key in weights if ".sparta_router." in key]
+    owner = router_keys[0].split(".sparta_router.")[0]
+    for layer in {key.split(".sparta_A_shared")[0] for key in weights if key.endswith(".sparta_A_shared")} - {owner}:
+        for key in router_keys:
+            weights[key.replace(owner, layer)] = weights[key].clone()
+    if version == 1:
+        for new, old in VERSION_1_NAMES.items():
+            weights = {key.replace(new, old): value for key, value in weights.items()}
+    save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "format_version": version}))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("router", ["prototype", "learned"])
+def test_older_format_versions_load_to_the_same_outputs(tmp_path, input_ids, router, version):
     model = three_task_model(router=router)
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
     model.save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "adapter_model.safetensors")
-    old_names = {
-        ".sparta_router.prototypes": ".sparta_prototypes",
-        ".sparta_router.counts": ".sparta_prototype_counts",
-        ".sparta_router.keys.": ".sparta_router_keys.",
-    }
-    renamed = {}
-    for key, value in weights.items():
-        for new, old in old_names.items():
-            key = key.replace(new, old)
-        renamed[key] = value
-    assert any(old in key for key in renamed for old in old_names.values())
-    save_file(renamed, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["format_version"] = 1
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    _write_older_format(tmp_path, version)
+    assert (
+        len(
+            [
+                key
+                for key in load_file(tmp_path / "adapter_model.safetensors")
+                if "_prototype" in key or "_router" in key
+            ]
+        )
+        > 2
+    )
 
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=input_ids).logits, expected)
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["format_version"] == 3
+
+
+def test_sequence_router_state_is_stored_once_per_adapter(tmp_path):
+    model = three_task_model()
+    model.save_pretrained(tmp_path)
+    router_keys = [key for key in load_file(tmp_path / "adapter_model.safetensors") if "sparta_router" in key]
+    assert len(router_keys) == 2  # prototypes and counts, once for the whole adapter

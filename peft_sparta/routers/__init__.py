@@ -11,6 +11,7 @@ from .base import Branches, Router, Routing, gates_from_scores, is_recomputation
 from .context import IGNORE_INDEX, RoutingContext, prompt_mask
 from .learned import LearnedRouter
 from .prototype import PrototypeRouter
+from .shared import SharedRouter
 from .spectral import SpectralRouter
 
 
@@ -21,8 +22,11 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
-def make_router(config, granularity: str, source_dim: int) -> Router:
-    """The router ``config.router`` names, for inputs of ``source_dim`` features routed per ``granularity``."""
+def make_router(config, granularity: str, source_dim: int, owner: Router | None = None) -> Router:
+    """The router ``config.router`` names, for inputs of ``source_dim`` features routed per ``granularity``; a
+    `SharedRouter` of ``owner`` when another layer's router already holds the adapter's sequence-routing state."""
+    if owner is not None:
+        return SharedRouter(owner)
     return ROUTERS[config.router](config, granularity, source_dim)
 
 
@@ -35,6 +39,7 @@ __all__ = [
     "Router",
     "Routing",
     "RoutingContext",
+    "SharedRouter",
     "SpectralRouter",
     "gates_from_scores",
     "is_recomputation",

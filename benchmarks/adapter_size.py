@@ -1,0 +1,100 @@
+"""Size of a saved SpaRTA adapter and of its router state, SmolLM2-135M shape (30 layers, 7 projections adapted).
+
+The router state under sequence routing (prototypes and counts) is stored once per adapter since format version 3;
+versions 1-2 stored an identical copy in every adapted layer. The table gives the measured file size and, for
+comparison, what the per-layer copies would add (the measured router-state bytes times the other adapted layers).
+A randomly initialised model of the real shape is used: sizes do not depend on the weights.
+
+    python benchmarks/adapter_size.py --out benchmarks/results/adapter-size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from common import machine, markdown_table
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peft_sparta  # noqa: F401
+from peft_sparta import SpaRTAConfig
+
+
+SMOLLM2_135M = {
+    "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True,
+}  # fmt: skip
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def commit() -> str:
+    """The checked-out commit, marked "-dirty" when the tree has changes."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False).stdout
+    return head + ("-dirty" if dirty.strip() else "")
+
+
+def measure(tasks: int) -> dict:
+    torch.manual_seed(0)
+    model = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), SpaRTAConfig(target_modules=TARGETS, task_type="CAUSAL_LM")
+    )
+    for index in range(1, tasks):
+        model.add_task(f"task_{index}")
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        path = Path(folder) / "adapter_model.safetensors"
+        weights = load_file(path)
+        file_bytes = path.stat().st_size
+    router_bytes = sum(v.numel() * v.element_size() for k, v in weights.items() if ".sparta_router." in k)
+    layers = len({k.split(".sparta_A_shared")[0] for k in weights if k.endswith("sparta_A_shared")})
+    per_layer_bytes = file_bytes + (layers - 1) * router_bytes
+    return {
+        "tasks": tasks,
+        "adapted_layers": layers,
+        "file_mb": file_bytes / 1e6,
+        "router_state_mb": router_bytes / 1e6,
+        "per_layer_layout_mb": per_layer_bytes / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 5, 16])
+    parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
+    args = parser.parse_args()
+    rows = [measure(tasks) for tasks in args.tasks]
+    header = ["tasks", "adapted layers", "file (MB)", "router state (MB)", "per-layer copies, format <= 2 (MB)"]
+    table = markdown_table(
+        header,
+        [
+            [
+                r["tasks"],
+                r["adapted_layers"],
+                f"{r['file_mb']:.1f}",
+                f"{r['router_state_mb']:.2f}",
+                f"{r['per_layer_layout_mb']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
+    print(table)
+    if args.out:
+        record = {
+            "machine": machine(),
+            "commit": commit(),
+            "settings": {"targets": TARGETS, **SMOLLM2_135M},
+            "rows": rows,
+        }
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+        args.out.with_suffix(".md").write_text(f"Commit {record['commit']}, {record['machine']}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
