@@ -102,6 +102,7 @@ def main() -> None:
     config = SpaRTAConfig(
         r_shared=8,
         r_task=16,
+        alpha_task=32,  # scale alpha / r = 2, as the defaults and the benchmarks
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         task_names=["spell"],
         task_type="CAUSAL_LM",
