@@ -2,17 +2,20 @@
 
 Layer shapes of SmolLM2-135M (576 -> 1536, 1536 -> 576) and of a 1B-class model (2048 -> 8192, 8192 -> 2048), with
 1, 4 and 16 tasks (the last one training; frozen task branches get no gradient). Also the inference forward with
-top_k=1 routing, whose cost must not grow with the number of tasks.
+top_k=1 routing, whose cost must not grow with the number of tasks. ``--output`` writes the results as JSON (with the
+commit, machine and settings of the run) and the table as markdown beside it.
 
-    python benchmarks/bench_layers.py --tokens 1024
+    python benchmarks/bench_layers.py --tokens 1024 --output benchmarks/results/layers-cpu.json
+    python benchmarks/bench_layers.py --shapes 576x1536 --tasks 1 --tokens 16 --warmup 0 --repeats 1   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
-from common import machine, markdown_table, median_seconds, peak_memory_bytes
+from common import machine, markdown_table, median_seconds, peak_memory_bytes, write_results
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm import tqdm
@@ -21,7 +24,7 @@ import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig
 
 
-SHAPES = [(576, 1536), (1536, 576), (2048, 8192), (8192, 2048)]
+SHAPES = {"576x1536": (576, 1536), "1536x576": (1536, 576), "2048x8192": (2048, 8192), "8192x2048": (8192, 2048)}
 
 
 class OneLayer(nn.Module):
@@ -74,8 +77,48 @@ def measure(model, x: torch.Tensor, device, args) -> dict:
     }
 
 
+def run(args) -> dict:
+    """Results keyed "<in>x<out>/<method>/<tasks>"."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    methods = [("lora", 1)] + [(m, t) for t in args.tasks for m in ("sparta-eager", "sparta-fused")]
+    cases = [(name, method, tasks) for name in args.shapes for method, tasks in methods]
+    results = {}
+    for name, method, tasks in tqdm(cases, desc="layers"):
+        shape = SHAPES[name]
+        x = torch.randn(args.tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
+        results[f"{name}/{method}/{tasks}"] = measure(wrap(shape, method, tasks, args, dtype, device), x, device, args)
+    return results
+
+
+def table(results: dict, args) -> str:
+    rows = []
+    for key, value in results.items():
+        name, method, tasks = key.split("/")
+        lora = results[f"{name}/lora/1"]
+        one_task = results.get(f"{name}/{method}/1")
+        rows.append(
+            [
+                name.replace("x", "->"),
+                method,
+                tasks,
+                f"{value['step_s'] * 1000:.2f}",
+                f"{value['step_s'] / lora['step_s']:.2f}x",
+                f"{value['peak_bytes'] / 2**20:.1f}",
+                f"{value['peak_bytes'] / lora['peak_bytes']:.2f}x",
+                f"{value['infer_s'] / one_task['infer_s']:.2f}x" if one_task else "—",
+            ]
+        )
+    header = ["layer", "method", "tasks", "fwd+bwd ms", "time vs LoRA", "peak MiB", "memory vs LoRA",
+              "inference vs 1 task (top_k=1)"]  # fmt: skip
+    note = f"Machine: {machine()}; {args.tokens} tokens; r_shared={args.r_shared}, r_task={args.r_task}, LoRA r="
+    note += f"{args.r_shared + args.r_task}; median of {args.repeats} after {args.warmup} warm-up calls."
+    return note + "\n\n" + markdown_table(header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="in x out features")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--tasks", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--r-shared", type=int, default=8)
@@ -83,37 +126,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="write the results here as JSON, and the table beside it as .md"
+    )
     args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    rows = []
-    cases = [(shape, m, t) for shape in SHAPES for m, t in [("lora", 1)] + [(m, t) for t in args.tasks for m in
-             ("sparta-eager", "sparta-fused")]]  # fmt: skip
-    results = {}
-    for shape, method, tasks in tqdm(cases, desc="layers"):
-        x = torch.randn(args.tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
-        results[(shape, method, tasks)] = measure(wrap(shape, method, tasks, args, dtype, device), x, device, args)
-    for (shape, method, tasks), value in results.items():
-        lora = results[(shape, "lora", 1)]
-        one_task = results.get((shape, method, 1), value)
-        rows.append(
-            [
-                f"{shape[0]}->{shape[1]}",
-                method,
-                tasks,
-                f"{value['step_s'] * 1000:.2f}",
-                f"{value['step_s'] / lora['step_s']:.2f}x",
-                f"{value['peak_bytes'] / 2**20:.1f}",
-                f"{value['peak_bytes'] / lora['peak_bytes']:.2f}x",
-                f"{value['infer_s'] / one_task['infer_s']:.2f}x",
-            ]
-        )
-    header = ["layer", "method", "tasks", "fwd+bwd ms", "time vs LoRA", "peak MiB", "memory vs LoRA",
-              "inference vs 1 task (top_k=1)"]  # fmt: skip
-    print(f"Machine: {machine()}; {args.tokens} tokens; r_shared={args.r_shared}, r_task={args.r_task}, LoRA r="
-          f"{args.r_shared + args.r_task}\n")  # fmt: skip
-    print(markdown_table(header, rows))
+    results = run(args)
+    report = table(results, args)
+    print(report)
+    if args.output:
+        settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+        write_results(args.output, "One adapted layer: LoRA vs SpaRTA", results, report, settings)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,20 @@
 LoRA gets the same total trainable rank as SpaRTA (r_shared + r_task). SpaRTA carries 1, 4 or 16 tasks (the last one
 training). Reports step time (forward + backward), tokens/s and peak memory (CUDA allocator peak; on CPU the bytes
 autograd saves for backward), each also as a ratio to LoRA measured in the same run, and the inference cost with
-top_k=1 at many tasks relative to one task.
+top_k=1 at many tasks relative to one task. ``--output`` writes the results as JSON (with the commit, machine and
+settings of the run) and the table as markdown beside it.
 
-    python benchmarks/bench_train_step.py --shape smollm --tasks 1 4 16
+    python benchmarks/bench_train_step.py --shape smollm --output benchmarks/results/train-step-smollm-cpu.json
     python benchmarks/bench_train_step.py --shape 1b --layers 2      # a 1B-class layer shape, fewer layers on CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table, median_seconds, peak_memory_bytes
+from common import machine, markdown_table, median_seconds, peak_memory_bytes, write_results
 from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -130,13 +130,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="write the results here as JSON, and the table beside it as .md"
+    )
     args = parser.parse_args()
     results = run(args)
     report = table(results, args)
     print(report)
     if args.output:
-        args.output.write_text(json.dumps({"machine": machine(), "results": results, "table": report}, indent=2))
+        settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+        write_results(args.output, "Training step of a whole model: LoRA vs SpaRTA", results, report, settings)
 
 
 if __name__ == "__main__":

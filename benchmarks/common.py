@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import platform
 import statistics
+import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -15,6 +19,55 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def provenance() -> dict:
+    """What a result needs to be traced to the code and machine that measured it: the checked-out commit, whether the
+    working tree differs from it outside benchmarks/results (``dirty``, with the changed or untracked paths), the
+    machine and the UTC time. Call it once per run, before the run writes any result; record the run's settings
+    beside it. ``commit`` and ``dirty`` are None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout
+
+    head = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    changed = sorted(line[3:] for line in (changes or "").splitlines() if line.strip())
+    return {
+        "commit": head.strip() if head else None,
+        "dirty": bool(changed) if changes is not None else None,
+        "changed_files": changed,
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def describe_run(run: dict) -> str:
+    """One line naming a run: its commit (and uncommitted changes), date, machine and settings."""
+    if run.get("commit"):
+        where = f"commit {run['commit'][:12]}"
+        if run.get("dirty"):
+            where += f" with uncommitted changes ({', '.join(run.get('changed_files', [])) or 'unlisted'})"
+    else:
+        where = f"commit unknown ({run['note']})" if run.get("note") else "commit unknown"
+    when = f", {run['date']}" if run.get("date") else ""
+    return f"{where}{when}; machine: {run.get('machine')}; settings: {json.dumps(run.get('settings', {}))}"
+
+
+def write_results(path: Path, title: str, results: dict, table: str, settings: dict) -> None:
+    """Write ``path`` with suffix .json (the run: `provenance` and ``settings``; the machine; the results; the table)
+    and, beside it, with suffix .md (the title, the run and the table)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run = {**provenance(), "settings": settings}
+    payload = {"run": run, "machine": run["machine"], "results": results, "table": table}
+    path.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    path.with_suffix(".md").write_text(f"# {title}\n\nRun: {describe_run(run)}\n\n{table}\n")
 
 
 def synchronize(device: torch.device) -> None:

@@ -9,7 +9,10 @@ Suites (see peft_sparta/benchmark/suites.py):
 
 Writes benchmarks/results/continual-<suite>.json (merged with the methods already there), a markdown table
 (continual-<suite>.md) and plots (continual-<suite>-accuracy.png: accuracy-matrix heatmap per method;
-continual-<suite>-routing.png: mean router gates per true task for each SpaRTA run).
+continual-<suite>-routing.png: mean router gates per true task for each SpaRTA run). Every method row records the run
+that measured it under "run" (commit, dirty flag and changed files, machine, date, settings), since one file gathers
+rows of several runs; the header's "latest_run" is the last run that wrote the file. Rows of files written before
+rows kept their run get the header's former "machine" and "settings", marked as such, and an unknown commit.
 
     python benchmarks/continual.py --suite minilm
     python benchmarks/continual.py --suite minilm --methods sparta seq_lora --steps 30
@@ -38,7 +41,7 @@ from tqdm.auto import tqdm
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table
+from common import describe_run, markdown_table, provenance
 
 import peft_sparta  # noqa: F401
 from peft_sparta.benchmark import offline, suites
@@ -157,17 +160,15 @@ def run(args) -> dict:
     stem = Path(args.out) if args.out else RESULTS / default_stem
     stem.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(stem)
-    results.update(
-        suite=args.suite,
-        machine=machine(),
-        tasks=[task.name for task in tasks],
-        settings={
-            "steps_per_task": settings.steps, "batch_size": settings.batch_size,
-            "learning_rate": settings.learning_rate, "seed": args.seed, "boilerplate": args.boilerplate,
-            "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
-            "train_sizes": [len(task.train) for task in tasks], "test_sizes": [len(task.test) for task in tasks],
-        },
-    )  # fmt: skip
+    this_run = provenance()
+    this_run["settings"] = {
+        "suite": args.suite, "tasks": [task.name for task in tasks], "steps_per_task": settings.steps,
+        "batch_size": settings.batch_size, "learning_rate": settings.learning_rate, "seed": args.seed,
+        "boilerplate": args.boilerplate, "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
+        "train_sizes": [len(task.train) for task in tasks], "test_sizes": [len(task.test) for task in tasks],
+        "threads": args.threads, "sparta_overrides": overrides, "arguments": vars(args),
+    }  # fmt: skip
+    results.update(suite=args.suite, tasks=[task.name for task in tasks], latest_run=this_run)
     for name in tqdm(methods, desc="methods", disable=args.no_progress):
         method = make_method(
             name, targets, args.r_shared, args.r_task, task_type=task_type, sparta_overrides=overrides
@@ -177,6 +178,7 @@ def run(args) -> dict:
         result = train_sequence(factory, tasks, settings, harness=harness, method=method).to_dict()
         if method.is_sparta and overrides:
             result["sparta_overrides"] = overrides
+        result["run"] = this_run
         results["methods"][key] = result
         save(results, stem, plots=not args.no_plots)
         tqdm.write(summary_line(key, result))
@@ -184,10 +186,43 @@ def run(args) -> dict:
 
 
 def load_results(stem: Path) -> dict:
+    """The results file at ``stem`` (or an empty one), every row with its "run": a file written before rows kept their
+    run gives its rows the header's "machine" and "settings" (see `legacy_run`) and loses those header fields."""
     path = stem.with_suffix(".json")
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"methods": {}}
+    if not path.exists():
+        return {"methods": {}}
+    results = json.loads(path.read_text())
+    for row in results["methods"].values():
+        row.setdefault("run", legacy_run(results))
+    results.pop("machine", None)
+    results.pop("settings", None)
+    return results
+
+
+def legacy_run(results: dict) -> dict:
+    """The run of a row written before rows kept their own: the file header's machine and settings, which the last run
+    that updated the file wrote over those of earlier runs, so they may describe another run; the commit is unknown."""
+    return {
+        "commit": None,
+        "dirty": None,
+        "machine": results.get("machine"),
+        "settings": results.get("settings", {}),
+        "note": "recorded before rows kept their run: machine and settings from the file header, which the last run "
+        "that wrote the file set, so they may belong to another run",
+    }
+
+
+def runs_of(results: dict) -> tuple[list[dict], list[int]]:
+    """The distinct runs of the rows, in row order, and each row's index into them (1-based)."""
+    runs, keys, indices = [], [], []
+    for row in results["methods"].values():
+        run = row.get("run") or legacy_run(results)
+        key = json.dumps(run, sort_keys=True)
+        if key not in keys:
+            keys.append(key)
+            runs.append(run)
+        indices.append(keys.index(key) + 1)
+    return runs, indices
 
 
 def summary_line(name: str, result: dict) -> str:
@@ -211,20 +246,25 @@ def markdown_report(results: dict) -> str:
     def fmt(value, signed=False):
         return "—" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
 
-    header = ["method", "AA", "BWT", "FWT", "learning acc", "routing acc", "drift", "trainable params", "wall s"]
+    header = [
+        "method", "AA", "BWT", "FWT", "learning acc", "routing acc", "drift", "trainable params", "wall s", "run",
+    ]  # fmt: skip
+    runs, run_of_row = runs_of(results)
     rows = [
         [
             name, fmt(r["AA"]), fmt(r["BWT"], True), fmt(r["FWT"], True), fmt(r["learning_accuracy"]),
-            fmt(r["routing_accuracy"]), fmt(r.get("drift")), f"{r['trainable_params']:,}", f"{r['wall_s']:.0f}",
+            fmt(r["routing_accuracy"]), fmt(r.get("drift")), f"{r['trainable_params']:,}", f"{r['wall_s']:.0f}", run,
         ]
-        for name, r in results["methods"].items()
+        for (name, r), run in zip(results["methods"].items(), run_of_row)
     ]  # fmt: skip
-    settings = results.get("settings", {})
     lines = [
         f"# Continual benchmark: {results.get('suite')}",
         "",
-        f"Machine: {results.get('machine')}. Tasks in order: {', '.join(results.get('tasks', []))}.",
-        f"Settings: {json.dumps(settings)}.",
+        f"Tasks in order: {', '.join(results.get('tasks', []))}.",
+        "",
+        "Runs (the table's last column names the run that measured each row):",
+        "",
+        *[f"{index}. {describe_run(run)}" for index, run in enumerate(runs, start=1)],
         "",
         (
             "AA: mean accuracy over all tasks after the last one; BWT: mean (final - just-trained) accuracy of earlier "
@@ -263,9 +303,10 @@ def plot(results: dict, stem: Path) -> None:
             if not np.isnan(value):
                 color = "w" if value < 0.6 else "k"
                 axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
+        names = result.get("task_names") or tasks
         axis.set_title(f"{name}\nAA {result['AA']:.2f}", fontsize=8)
-        axis.set_xticks(range(len(tasks)), tasks, rotation=60, fontsize=6)
-        labels = ["all (MTL)"] if matrix.shape[0] == 1 and len(tasks) > 1 else tasks[: matrix.shape[0]]
+        axis.set_xticks(range(len(names)), names, rotation=60, fontsize=6)
+        labels = ["all (MTL)"] if matrix.shape[0] == 1 and len(names) > 1 else names[: matrix.shape[0]]
         axis.set_yticks(range(matrix.shape[0]), labels, fontsize=6)
         axis.set_xlabel("evaluated task", fontsize=6)
         axis.set_ylabel("after training", fontsize=6)
@@ -286,9 +327,10 @@ def plot(results: dict, stem: Path) -> None:
         axis.imshow(weights, vmin=0, vmax=1, cmap="magma")
         for (i, j), value in np.ndenumerate(weights):
             axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
+        names = result.get("task_names") or tasks
         axis.set_title(f"{name}\nrouting acc {result['routing_accuracy']:.2f}", fontsize=8)
-        axis.set_xticks(range(weights.shape[1]), tasks[: weights.shape[1]], rotation=60, fontsize=6)
-        axis.set_yticks(range(weights.shape[0]), tasks[: weights.shape[0]], fontsize=6)
+        axis.set_xticks(range(weights.shape[1]), names[: weights.shape[1]], rotation=60, fontsize=6)
+        axis.set_yticks(range(weights.shape[0]), names[: weights.shape[0]], fontsize=6)
         axis.set_xlabel("task branch (mean gate)", fontsize=6)
         axis.set_ylabel("test inputs of task", fontsize=6)
     for axis in list(axes.flat)[len(routed) :]:

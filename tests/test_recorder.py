@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from torch.nn import functional as F
 
 from peft_sparta import SpaRTAConfig
-from peft_sparta.layer import sparta_layers
 from peft_sparta.routers.recorder import RoutingRecorder
 from tests.conftest import tiny_llama
 
@@ -20,15 +20,28 @@ def model():
     return model.eval()
 
 
+def _sequence_queries(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Sequence routing queries computed here from the input embeddings: unit mean over the positions."""
+    with torch.no_grad():
+        embedded = model.get_input_embeddings()(input_ids).float()
+    return F.normalize(embedded.mean(dim=1), dim=-1)
+
+
 def test_recorder_scores_are_the_router_similarities_and_bad_quantity_is_an_error(model):
-    batch = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(0))
-    layer = sparta_layers(model)[0]
+    """Each training input seeded its own prototype (3 inputs, 16 prototypes per task), so an input's score is its
+    best cosine similarity to the training inputs' queries, computed here without the router."""
+    trained = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(7))
     with RoutingRecorder(model, quantity="scores") as recorder:
         model(input_ids=batch)
+        model(input_ids=trained)
     scores = recorder.take()
-    query = model.base_model.routing_context.sequence_query
-    assert scores.shape == (3, 1) and torch.allclose(scores, layer.router_scores("default", query.unsqueeze(1))[:, 0])
-    assert (scores > 0.5).all(), "inputs score high against the prototypes built from them"
+    similarity = _sequence_queries(model, batch) @ _sequence_queries(model, trained).T
+    expected = similarity.amax(dim=-1, keepdim=True)
+    assert scores.shape == (7, 1)
+    torch.testing.assert_close(scores[:4], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores[4:], torch.ones(3, 1), atol=1e-5, rtol=0)
+    assert (expected < 0.99).all(), "the new inputs are not copies of the training inputs"
     with pytest.raises(ValueError, match="quantity"):
         RoutingRecorder(model, quantity="logits")
 

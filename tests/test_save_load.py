@@ -77,7 +77,7 @@ def test_loaded_adapter_continues_with_a_new_task(tmp_path, input_ids, shared_up
         or (shared_trains and "_shared.default" in name)
     }
     assert trainable == expected
-    assert any("_shared.default" in name for name in parameters) and any("_task.default.0" in name for name in parameters)
+    assert any("_shared.default" in name for name in parameters)
     before = {name: tensor.detach().clone() for name, tensor in adapter_tensors(loaded).items()}
     train_steps(loaded, input_ids, steps=2)
     after = adapter_tensors(loaded)
