@@ -19,10 +19,11 @@ from peft.utils.save_and_load import load_peft_weights
 from torch import nn
 from transformers.integrations.peft import PeftAdapterMixin
 
+from .checkpoint import check_task_count
 from .config import SpaRTAConfig
 from .errors import SpaRTALoadError
 from .layer import SpaRTALayer
-from .model import SpaRTAModel, check_task_count, find_sparta_tuners
+from .model import SpaRTAModel, find_sparta_tuners
 from .registration import PEFT_TYPE_SPARTA
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 import weakref
 from typing import Optional
 
@@ -17,8 +16,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checkpoint import check_checkpoint, check_task_count, current_key, drop_per_layer_router_copies
 from .config import SpaRTAConfig
-from .errors import SpaRTALoadError
 from .layer import Linear, SpaRTALayer, sparta_layers
 from .optimizer_guard import guard_optimizers_of
 from .routers import Router, RoutingContext
@@ -27,13 +26,6 @@ from .routers.context import CACHED_QUERY, kv_cache
 
 #: Every SpaRTA tuner alive in this process (to tell whether a config object is shared between models).
 _LIVE_TUNERS: weakref.WeakSet = weakref.WeakSet()
-
-#: Checkpoint keys of the router state in format version 1, and their names since the routers own their state.
-_VERSION_1_ROUTER_KEYS = {
-    ".sparta_prototypes": ".sparta_router.prototypes",
-    ".sparta_prototype_counts": ".sparta_router.counts",
-    ".sparta_router_keys.": ".sparta_router.keys.",
-}
 
 
 class SpaRTAModel(BaseTuner):
@@ -352,18 +344,14 @@ class SpaRTAModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Map checkpoint keys to the model's and check them: every branch of every task present, shapes equal."""
-        state_dict = {_current_key(key): value for key, value in state_dict.items()}
+        """Map checkpoint keys to the model's, from any saved format version, and check them (see `checkpoint`)."""
+        state_dict = {current_key(key): value for key, value in state_dict.items()}
         check_task_count(state_dict, config)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
-        if config.format_version < 3:
-            # versions 1-2 stored the sequence router's state in every layer: keep the one layer that holds it now
-            remapped = {
-                key: value for key, value in remapped.items() if ".sparta_router." not in key or key in expected
-            }
-        _check_checkpoint(expected, remapped, config, adapter_name)
+        remapped = drop_per_layer_router_copies(remapped, expected, config)
+        check_checkpoint(expected, remapped, config)
         return remapped
 
 
@@ -386,14 +374,6 @@ def find_sparta_tuners(model: nn.Module) -> list[SpaRTAModel]:
     return [hook.__self__ for hook in hooks if isinstance(getattr(hook, "__self__", None), SpaRTAModel)]
 
 
-def _current_key(key: str) -> str:
-    """The name a checkpoint key of an older format version has today."""
-    for old, new in _VERSION_1_ROUTER_KEYS.items():
-        if old in key:
-            return key.replace(old, new)
-    return key
-
-
 def _is_quantized(layer: nn.Module) -> bool:
     """Whether a layer holds quantized weights: integer weights, or a layer class or weight tensor class from a
     quantization library's package (torchao keeps `nn.Linear` and swaps its weight for a tensor subclass whose dtype
@@ -404,43 +384,3 @@ def _is_quantized(layer: nn.Module) -> bool:
     quantized_libraries = ("bitsandbytes", "torchao", "auto_gptq", "gptqmodel", "awq", "optimum")
     classes = [type(layer)] if weight is None else [type(layer), type(weight)]
     return any(cls.__module__.split(".")[0] in quantized_libraries for cls in classes)
-
-
-def check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:
-    """The checkpoint (keys without adapter name) holds one branch per task that the config names."""
-    task_key = re.compile(r"\.sparta_A_task\.(\d+)$")
-    saved_tasks = {int(m.group(1)) for key in checkpoint if (m := task_key.search(key))}
-    if saved_tasks and len(saved_tasks) != len(config.task_names):
-        raise SpaRTALoadError(
-            f"The adapter config names {len(config.task_names)} tasks ({', '.join(config.task_names)}) but its "
-            f"weights hold {len(saved_tasks)} task branches: adapter_config.json and the weights file come from "
-            "different saves. Save the adapter again, or restore the matching files."
-        )
-
-
-def _check_checkpoint(expected: dict, checkpoint: dict, config: SpaRTAConfig, adapter_name: str) -> None:
-    """Every tensor the config creates is in the checkpoint with its shape, and the checkpoint holds no SpaRTA tensor
-    that the config does not create (it would be dropped and the outputs would change)."""
-    unexpected = sorted(key for key in checkpoint if ".sparta_" in key and key not in expected)
-    if unexpected:
-        raise SpaRTALoadError(
-            f"The adapter's weights hold {len(unexpected)} SpaRTA tensors that its config does not create, e.g. "
-            f"{unexpected[0]}: adapter_config.json was edited (target_modules, ranks, task_names) or comes from "
-            "another save. Restore the config that was saved with these weights."
-        )
-    missing = sorted(set(expected) - set(checkpoint))
-    if missing:
-        raise SpaRTALoadError(
-            f"The adapter's weights lack {len(missing)} tensors that its config requires, e.g. {missing[0]}: the "
-            "weights file is incomplete or was saved for other target modules."
-        )
-    mismatched = [
-        f"{key}: checkpoint {tuple(checkpoint[key].shape)}, model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if tuple(checkpoint[key].shape) != tuple(value.shape)
-    ]
-    if mismatched:
-        raise SpaRTALoadError(
-            "The adapter was saved for a base model whose adapted layers have other shapes; load it into the base "
-            "model it was trained on. Mismatches: " + "; ".join(mismatched[:3])
-        )

@@ -10,7 +10,12 @@ one optimizer step: 1 / (gradient-accumulation steps), times the loss scale of f
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from .kernels import orthogonality_penalty
+from .routers import is_recomputation
 
 
 class AttachPenaltyFunction(torch.autograd.Function):
@@ -34,3 +39,62 @@ class AttachPenaltyFunction(torch.autograd.Function):
 def attach_penalty(activation: torch.Tensor, penalty: torch.Tensor, scale: float) -> torch.Tensor:
     """``activation`` unchanged, carrying ``penalty`` into every backward that goes through it (see the module)."""
     return AttachPenaltyFunction.apply(activation, penalty, scale)
+
+
+class LayerRegularizers:
+    """The regularizers of a `SpaRTALayer` (mixed into it): the orthogonality penalty between its branches, the
+    router's loss, and their attachment to the layer's output in a training forward."""
+
+    def regularizers(self, adapter_name: str, router_loss: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This layer's weighted regularizers in a training forward: the orthogonality penalty and the router loss."""
+        config = self.sparta_settings[adapter_name]
+        values = {} if router_loss is None else {"router": router_loss}
+        orthogonality = self.orthogonality_loss(adapter_name) if config.orth_lambda > 0 else None
+        if orthogonality is not None:
+            values["orthogonality"] = config.orth_lambda * orthogonality
+        return values
+
+    def _attach_regularizers(self, adapter_name: str, result: torch.Tensor, router_loss) -> torch.Tensor:
+        """Report this layer's regularizers and attach them to its output, so that any loss computed from the model's
+        outputs trains them (see `peft_sparta.regularizers`)."""
+        values = self.regularizers(adapter_name, router_loss)
+        if not values:
+            return result
+        context = self.routing_context
+        if context is not None and not is_recomputation():
+            context.report(values)
+        penalty = sum(values.values())
+        if not torch.is_grad_enabled() or not penalty.requires_grad:
+            return result
+        return attach_penalty(result, penalty, context.penalty_scale if context is not None else 1.0)
+
+    def orthogonality_loss(self, adapter_name: str) -> torch.Tensor | None:
+        """Overlap of the trainable down-projections with every other branch of this adapter: the current task's
+        against the shared and old ones, and the shared branch's against the old ones while it trains. The branches
+        that do not train are stacked once and reused (see `_frozen_down`)."""
+        config = self.sparta_settings[adapter_name]
+        current = self.sparta_A_task[adapter_name][-1]
+        trainable_shared = [a for a in self._shared_down(adapter_name) if a.requires_grad]
+        frozen = self._frozen_down(adapter_name)
+        others = trainable_shared + ([frozen] if frozen is not None else [])
+        if not others:
+            return None
+        loss = orthogonality_penalty(current, others, config.orth_norm, backend=config.kernel_backend)
+        for shared in trainable_shared:
+            if frozen is not None:
+                loss = loss + orthogonality_penalty(shared, frozen, config.orth_norm, backend=config.kernel_backend)
+        return loss
+
+    def _frozen_down(self, adapter_name: str) -> torch.Tensor | None:
+        """The down-projections of the branches that do not train (old tasks, and the shared branch once frozen),
+        stacked into one tensor that is kept until one of them changes (a task added or removed, a load, a move to
+        another device or dtype), so that a training step neither re-stacks them nor grows with their number."""
+        candidates = (*self._shared_down(adapter_name), *self.sparta_A_task[adapter_name][:-1])
+        blocks = [a for a in candidates if not a.requires_grad]
+        if not blocks:
+            return None
+        key = tuple((id(a), a.data_ptr(), a._version, a.dtype) for a in blocks)
+        cached = self._frozen_stacks.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = self._frozen_stacks[adapter_name] = (key, torch.cat([a.detach() for a in blocks]))
+        return cached[1]

@@ -1,0 +1,73 @@
+"""What a saved SpaRTA adapter must hold to load: keys of older format versions mapped to today's, and the checks
+that turn a mismatch between config and weights into a `SpaRTALoadError` naming the problem."""
+
+from __future__ import annotations
+
+import re
+
+from .config import SpaRTAConfig
+from .errors import SpaRTALoadError
+
+
+#: Checkpoint keys of the router state in format version 1, and their names since the routers own their state.
+VERSION_1_ROUTER_KEYS = {
+    ".sparta_prototypes": ".sparta_router.prototypes",
+    ".sparta_prototype_counts": ".sparta_router.counts",
+    ".sparta_router_keys.": ".sparta_router.keys.",
+}
+
+
+def current_key(key: str) -> str:
+    """The name a checkpoint key of an older format version has today."""
+    for old, new in VERSION_1_ROUTER_KEYS.items():
+        if old in key:
+            return key.replace(old, new)
+    return key
+
+
+def drop_per_layer_router_copies(checkpoint: dict, expected: dict, config: SpaRTAConfig) -> dict:
+    """Format versions 1-2 stored the sequence router's state in every adapted layer; keep the copy of the layer that
+    holds it now (every copy is the same)."""
+    if config.format_version >= 3:
+        return checkpoint
+    return {key: value for key, value in checkpoint.items() if ".sparta_router." not in key or key in expected}
+
+
+def check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:
+    """The checkpoint (keys without adapter name) holds one branch per task that the config names."""
+    task_key = re.compile(r"\.sparta_A_task\.(\d+)$")
+    saved_tasks = {int(m.group(1)) for key in checkpoint if (m := task_key.search(key))}
+    if saved_tasks and len(saved_tasks) != len(config.task_names):
+        raise SpaRTALoadError(
+            f"The adapter config names {len(config.task_names)} tasks ({', '.join(config.task_names)}) but its "
+            f"weights hold {len(saved_tasks)} task branches: adapter_config.json and the weights file come from "
+            "different saves. Save the adapter again, or restore the matching files."
+        )
+
+
+def check_checkpoint(expected: dict, checkpoint: dict, config: SpaRTAConfig) -> None:
+    """Every tensor the config creates is in the checkpoint with its shape, and the checkpoint holds no SpaRTA tensor
+    that the config does not create (it would be dropped and the outputs would change)."""
+    unexpected = sorted(key for key in checkpoint if ".sparta_" in key and key not in expected)
+    if unexpected:
+        raise SpaRTALoadError(
+            f"The adapter's weights hold {len(unexpected)} SpaRTA tensors that its config does not create, e.g. "
+            f"{unexpected[0]}: adapter_config.json was edited (target_modules, ranks, task_names) or comes from "
+            "another save. Restore the config that was saved with these weights."
+        )
+    missing = sorted(set(expected) - set(checkpoint))
+    if missing:
+        raise SpaRTALoadError(
+            f"The adapter's weights lack {len(missing)} tensors that its config requires, e.g. {missing[0]}: the "
+            "weights file is incomplete or was saved for other target modules."
+        )
+    mismatched = [
+        f"{key}: checkpoint {tuple(checkpoint[key].shape)}, model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if tuple(checkpoint[key].shape) != tuple(value.shape)
+    ]
+    if mismatched:
+        raise SpaRTALoadError(
+            "The adapter was saved for a base model whose adapted layers have other shapes; load it into the base "
+            "model it was trained on. Mismatches: " + "; ".join(mismatched[:3])
+        )
