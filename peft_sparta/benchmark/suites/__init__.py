@@ -1,0 +1,35 @@
+"""Task suites for the continual-learning benchmark, generated offline and deterministically from a seed.
+
+- `classification_suite`: six text-classification tasks with distinct label sets (topic, sentiment, intent, question
+  type, language of origin, emotion), built from templates and word lists. Each task has its own templates, so the
+  tasks are separable by their input distribution, while the slot fillers are shared across tasks (sports or finance
+  words appear in reviews, questions and diaries), so that training one task can disturb another: forgetting is
+  measurable. No task id reaches the model: the input is the text alone and the label is scored among the label names
+  of every task seen so far.
+- `generation_suite`: five instruction tasks with short exact-match answers (number words to digits, addition,
+  capital letters, plural, first letter), for causal LMs.
+- `standard_cl_suite`: the "Standard CL benchmark" (AG News, Amazon, Yelp, DBpedia, Yahoo Answers) as
+  text-to-text classification in the three task orders of the literature, through `datasets` (downloadable or local
+  files in the same column layout).
+"""
+
+from __future__ import annotations
+
+from .classification import CLASSIFICATION_TASKS, classification_suite
+from .generation import GENERATION_TASKS, generation_suite
+from .standard_cl import STANDARD_CL_ORDERS, STANDARD_CL_TASKS, standard_cl_suite
+from .tasks import NEUTRAL_TEXTS, Example, Task
+
+
+__all__ = [
+    "CLASSIFICATION_TASKS",
+    "GENERATION_TASKS",
+    "NEUTRAL_TEXTS",
+    "STANDARD_CL_ORDERS",
+    "STANDARD_CL_TASKS",
+    "Example",
+    "Task",
+    "classification_suite",
+    "generation_suite",
+    "standard_cl_suite",
+]

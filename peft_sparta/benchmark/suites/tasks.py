@@ -1,0 +1,67 @@
+"""What every suite is made of: examples, tasks, the deterministic train/test split, and the unrelated sentences on
+which general-ability drift is measured."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input and its target: a label name (classification) or the exact answer (generation)."""
+
+    text: str
+    target: str
+
+
+@dataclass
+class Task:
+    """A task of a continual sequence. ``labels`` is the label set of a classification task, empty for generation."""
+
+    name: str
+    train: list[Example]
+    test: list[Example]
+    labels: tuple[str, ...] = ()
+    metadata: dict = field(default_factory=dict)
+
+
+#: Everyday sentences that resemble no task of the suites, for measuring general-ability drift.
+NEUTRAL_TEXTS = [
+    "The library opens at nine and closes early on public holidays.",
+    "My neighbour planted three apple trees along the fence last spring.",
+    "Please remember to water the plants while I am away.",
+    "The train was crowded, so we stood near the doors the whole way.",
+    "She painted the bedroom a pale shade of blue.",
+    "A small dog waited patiently outside the post office.",
+    "We usually take the long path around the lake on weekends.",
+    "The old bridge was repaired after the winter storms.",
+    "He keeps his bicycle in the hallway because the shed is full.",
+    "The museum added a new wing for children's exhibitions.",
+    "Our meeting moved to the second floor conference room.",
+    "The river was calm and the boats drifted slowly downstream.",
+    "Grandfather tells the same story about the lighthouse every summer.",
+    "The printer ran out of paper in the middle of the report.",
+    "Bright lanterns hung above the narrow street during the festival.",
+    "The cat sleeps on the windowsill whenever the sun comes out.",
+]
+
+
+# ---- shared word lists ----------------------------------------------------------------------------------------------
+
+
+def split(rng: random.Random, make: Callable[[random.Random], Example], train: int, test: int) -> tuple[list, list]:
+    """``train`` + ``test`` distinct examples (no text in both splits)."""
+    seen: set[str] = set()
+    examples: list[Example] = []
+    attempts = 0
+    while len(examples) < train + test:
+        attempts += 1
+        if attempts > 200 * (train + test):
+            raise ValueError(f"cannot draw {train + test} distinct examples from these templates; ask for fewer.")
+        example = make(rng)
+        if example.text not in seen:
+            seen.add(example.text)
+            examples.append(example)
+    return examples[:train], examples[train:]
