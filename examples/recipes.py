@@ -4,7 +4,7 @@
   which needs a chat template with ``{% generation %}`` markers: `CHATML_WITH_GENERATION` for ChatML models such as
   SmolLM2);
 - `resume_sequence`: load a saved SpaRTA adapter for training, add a task, train it, save;
-- `calibrate_abstain_threshold`: choose ``router_abstain_threshold`` from calibration prompts of your tasks and
+- `calibrate_chat_abstain_threshold`: choose ``router_abstain_threshold`` from calibration prompts of your tasks and
   unrelated text, formatted exactly as at inference (a shared system prompt or chat template raises every score).
 
     python examples/recipes.py [--steps 20] [--output-dir sparta-recipes]
@@ -24,7 +24,7 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_sparta  # noqa: F401  (registers the SPARTA peft type: import it before loading an adapter)
 from peft_sparta import SpaRTAConfig
-from peft_sparta.continual import RoutingRecorder
+from peft_sparta.continual import calibrate_abstain_threshold
 
 
 #: ChatML (SmolLM2, Qwen) with the `{% generation %}` markers TRL needs for assistant_only_loss, and no default
@@ -78,30 +78,21 @@ def resume_sequence(base, adapter_dir: str, task_name: str, train, output_dir: s
     return model
 
 
-@torch.no_grad()
-def router_scores(model, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Each prompt's router score for every task (prompts, tasks), formatted as at inference."""
-    model.eval()
-    with RoutingRecorder(model, quantity="scores") as recorder:
-        for prompt in prompts:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            model(**tokenizer(text, return_tensors="pt", add_special_tokens=False))
-    return recorder.take()
+def chat_inputs(tokenizer, prompts: list[str]) -> list[dict]:
+    """Model inputs of user prompts, one per batch, formatted as at inference (chat template, generation prompt)."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    return [tokenizer(text, return_tensors="pt", add_special_tokens=False) for text in texts]
 
 
-def calibrate_abstain_threshold(
-    model, tokenizer, task_prompts: list[str], unrelated_prompts: list[str], margin: float = 0.0
-) -> float | None:
-    """A threshold between the lowest best-score of held-out task prompts and the highest of unrelated prompts
-    (their midpoint), or None when the two groups overlap by more than ``margin`` (abstaining would then cost task
-    accuracy). Use calibration prompts that are not your test prompts."""
-    task_low = float(router_scores(model, tokenizer, task_prompts).amax(dim=-1).min())
-    unrelated_high = float(router_scores(model, tokenizer, unrelated_prompts).amax(dim=-1).max())
-    if task_low + margin <= unrelated_high:
-        return None
-    return (task_low + unrelated_high) / 2
+def calibrate_chat_abstain_threshold(model, tokenizer, task_prompts: list[str], unrelated_prompts: list[str]):
+    """`peft_sparta.continual.calibrate_abstain_threshold` on chat prompts: held-out prompts of your tasks (not your
+    test prompts) and unrelated prompts; None when the two groups overlap."""
+    return calibrate_abstain_threshold(
+        model, chat_inputs(tokenizer, task_prompts), chat_inputs(tokenizer, unrelated_prompts)
+    )
 
 
 SPELL = [
@@ -139,7 +130,7 @@ def main() -> None:
         f"{args.output_dir}/three-tasks",
     )  # fmt: skip
     held_out = [SPELL[-1][0], PLURAL[-1][0], UPPER[-1][0]]
-    threshold = calibrate_abstain_threshold(model, tokenizer, held_out, UNRELATED)
+    threshold = calibrate_chat_abstain_threshold(model, tokenizer, held_out, UNRELATED)
     print(f"tasks {model.task_names}; calibrated router_abstain_threshold: {threshold}")
 
 

@@ -50,11 +50,12 @@ def test_chat_training_resume_and_abstain_calibration(tmp_path):
 
     task_prompts = ["add 5 and 3 =", "repeat the word sun"]
     unrelated = ["zebra quill yak", "violin harbour", "marble oak tundra"]  # words outside the vocabulary
-    threshold = recipes.calibrate_abstain_threshold(resumed, tok, task_prompts, unrelated)
+    threshold = recipes.calibrate_chat_abstain_threshold(resumed, tok, task_prompts, unrelated)
     assert threshold is not None
     resumed.peft_config["default"].router_abstain_threshold = threshold
-    with RoutingRecorder(resumed) as recorder:
-        recipes.router_scores(resumed, tok, task_prompts + unrelated)
+    with RoutingRecorder(resumed) as recorder, torch.no_grad():
+        for batch in recipes.chat_inputs(tok, task_prompts + unrelated):
+            resumed(**batch)
     gates = recorder.take()
     assert (gates[: len(task_prompts)].sum(dim=-1) > 0.99).all() and (gates[len(task_prompts) :] == 0).all()
-    assert recipes.calibrate_abstain_threshold(resumed, tok, task_prompts, task_prompts) is None
+    assert recipes.calibrate_chat_abstain_threshold(resumed, tok, task_prompts, task_prompts) is None
