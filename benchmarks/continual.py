@@ -50,8 +50,10 @@ from peft_sparta.continual import (
     CausalLMHarness,
     ContinualArguments,
     EmbeddingClassificationHarness,
+    calibrate_abstain_threshold,
     train_sequence,
 )
+from peft_sparta.model import find_sparta_tuner
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,6 +97,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--sparta", nargs="*", default=[], metavar="FIELD=VALUE", help="SpaRTAConfig overrides for the SpaRTA runs"
     )
+    parser.add_argument(
+        "--calibrate-abstain", type=int, default=0, metavar="N",
+        help="smollm: after each task, set router_abstain_threshold from N fresh prompts per trained task (drawn "
+        "with another seed, never trained or scored) and suites.CALIBRATION_TEXTS (not the drift texts)",
+    )  # fmt: skip
     parser.add_argument("--tag", default="", help="suffix of the method names in the results (design sweeps)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="results stem; default benchmarks/results/continual-<suite>")
@@ -169,6 +176,9 @@ def run(args) -> dict:
         "threads": args.threads, "sparta_overrides": overrides, "arguments": vars(args),
     }  # fmt: skip
     results.update(suite=args.suite, tasks=[task.name for task in tasks], latest_run=this_run)
+    thresholds: list = []
+    if args.calibrate_abstain:
+        settings.before_evaluation = abstain_calibrator(args, tasks, harness, thresholds)
     for name in tqdm(methods, desc="methods", disable=args.no_progress):
         method = make_method(
             name, targets, args.r_shared, args.r_task, task_type=task_type, sparta_overrides=overrides
@@ -178,11 +188,41 @@ def run(args) -> dict:
         result = train_sequence(factory, tasks, settings, harness=harness, method=method).to_dict()
         if method.is_sparta and overrides:
             result["sparta_overrides"] = overrides
+        if thresholds:
+            result["abstain_thresholds"], thresholds[:] = list(thresholds), []
         result["run"] = this_run
         results["methods"][key] = result
         save(results, stem, plots=not args.no_plots)
         tqdm.write(summary_line(key, result))
     return results
+
+
+def abstain_calibrator(args, tasks, harness, thresholds: list):
+    """``before_evaluation`` that sets the abstain threshold from a calibration split: fresh prompts of the tasks
+    trained so far (the suite's generator with seed + 1000, minus any train or test prompt) and CALIBRATION_TEXTS,
+    formatted as the harness's test prompts; the threshold chosen at each stage is appended to ``thresholds``."""
+    if args.suite != "smollm":
+        raise SystemExit("--calibrate-abstain is implemented for the smollm suite")
+    used = {example.text for task in tasks for example in task.train + task.test}
+    fresh = suites.generation_suite(
+        args.seed + 1000, train_size=4 * args.calibrate_abstain, test_size=0, tasks=[task.name for task in tasks]
+    )
+    prompts = [[e.text for e in task.train if e.text not in used][: args.calibrate_abstain] for task in fresh]
+
+    def batches(texts: list[str]) -> list[dict]:
+        tokenizer = harness.tokenizer
+        return [tokenizer(harness.prompt(text), return_tensors="pt") for text in texts]
+
+    def calibrate(model, seen: list[int]) -> None:
+        if find_sparta_tuner(model) is None:
+            return
+        task_inputs = batches([text for index in seen for text in prompts[index]])
+        threshold = calibrate_abstain_threshold(model, task_inputs, batches(suites.CALIBRATION_TEXTS))
+        for config in model.peft_config.values():
+            config.router_abstain_threshold = threshold
+        thresholds.append(threshold)
+
+    return calibrate
 
 
 def load_results(stem: Path) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,6 +41,10 @@ class ContinualArguments:
     multitask_label_space: str = "union"
     #: unrelated texts (e.g. `peft_sparta.benchmark.suites.NEUTRAL_TEXTS`) on which to measure general-ability drift
     general_texts: Sequence[str] | None = None
+    #: called as ``before_evaluation(model, seen)`` after each task's training, with the indices of the tasks trained
+    #: so far, before any accuracy is measured: the place to choose settings on data that is not scored (e.g. the
+    #: abstain threshold from held-out prompts)
+    before_evaluation: Callable[[nn.Module, list[int]], None] | None = None
 
 
 @dataclass
@@ -162,6 +166,8 @@ def train_sequence(
         losses = _train_steps(model, tasks, trained, steps, args, harness, method, label=f"{method.name}")
         final_losses.append(losses)
         model.eval()
+        if args.before_evaluation is not None:
+            args.before_evaluation(model, list(range(index + 1)))
         row, gates_by_task = _evaluate(model, tasks, index, args, harness, method, multitask=method.multitask)
         rows.append(row)
         accuracy, weights = _routing_accuracy(gates_by_task, index, offset)

@@ -18,10 +18,11 @@ from __future__ import annotations
 from .classification import CLASSIFICATION_TASKS, classification_suite
 from .generation import GENERATION_TASKS, generation_suite
 from .standard_cl import STANDARD_CL_ORDERS, STANDARD_CL_TASKS, standard_cl_suite
-from .tasks import NEUTRAL_TEXTS, Example, Task
+from .tasks import CALIBRATION_TEXTS, NEUTRAL_TEXTS, Example, Task
 
 
 __all__ = [
+    "CALIBRATION_TEXTS",
     "CLASSIFICATION_TASKS",
     "GENERATION_TASKS",
     "NEUTRAL_TEXTS",

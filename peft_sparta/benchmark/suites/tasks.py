@@ -47,6 +47,23 @@ NEUTRAL_TEXTS = [
     "The cat sleeps on the windowsill whenever the sun comes out.",
 ]
 
+#: Unrelated everyday sentences of the same kind as `NEUTRAL_TEXTS` but disjoint from them: the unrelated side of a
+#: calibration split (settings chosen on them are scored on `NEUTRAL_TEXTS` and the tasks' test sets).
+CALIBRATION_TEXTS = [
+    "The bakery on the corner opens at seven and sells out of rye bread by noon.",
+    "He folded the laundry while the kettle came to a boil.",
+    "Our neighbours planted tomatoes along the fence this spring.",
+    "The train was delayed because of leaves on the tracks.",
+    "She keeps a notebook of the birds she sees on her morning walk.",
+    "The museum added a new wing for textiles and old maps.",
+    "After the storm, the river rose almost to the footbridge.",
+    "They painted the kitchen a pale yellow last weekend.",
+    "The library extended its opening hours during the exam period.",
+    "A small dog waited patiently outside the pharmacy.",
+    "The recipe calls for two eggs, a cup of flour and a pinch of salt.",
+    "Fog covered the harbour until the late morning.",
+]
+
 
 # ---- shared word lists ----------------------------------------------------------------------------------------------
 
