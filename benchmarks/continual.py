@@ -50,7 +50,8 @@ from peft_sparta.continual import (
     CausalLMHarness,
     ContinualArguments,
     EmbeddingClassificationHarness,
-    calibrate_abstain_threshold,
+    abstain_threshold,
+    best_router_scores,
     train_sequence,
 )
 from peft_sparta.model import find_sparta_tuner
@@ -200,7 +201,8 @@ def run(args) -> dict:
 def abstain_calibrator(args, tasks, harness, thresholds: list):
     """``before_evaluation`` that sets the abstain threshold from a calibration split: fresh prompts of the tasks
     trained so far (the suite's generator with seed + 1000, minus any train or test prompt) and CALIBRATION_TEXTS,
-    formatted as the harness's test prompts; the threshold chosen at each stage is appended to ``thresholds``."""
+    formatted as the harness's test prompts; each stage's threshold and the scores it was chosen from are appended to
+    ``thresholds``."""
     if args.suite != "smollm":
         raise SystemExit("--calibrate-abstain is implemented for the smollm suite")
     used = {example.text for task in tasks for example in task.train + task.test}
@@ -216,11 +218,18 @@ def abstain_calibrator(args, tasks, harness, thresholds: list):
     def calibrate(model, seen: list[int]) -> None:
         if find_sparta_tuner(model) is None:
             return
-        task_inputs = batches([text for index in seen for text in prompts[index]])
-        threshold = calibrate_abstain_threshold(model, task_inputs, batches(suites.CALIBRATION_TEXTS))
+        task_scores = best_router_scores(model, batches([text for index in seen for text in prompts[index]]))
+        unrelated_scores = best_router_scores(model, batches(suites.CALIBRATION_TEXTS))
+        threshold = abstain_threshold(task_scores, unrelated_scores)
         for config in model.peft_config.values():
             config.router_abstain_threshold = threshold
-        thresholds.append(threshold)
+        thresholds.append(
+            {
+                "threshold": threshold,
+                "task_scores": task_scores.tolist(),
+                "unrelated_scores": unrelated_scores.tolist(),
+            }
+        )
 
     return calibrate
 

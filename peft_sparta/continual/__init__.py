@@ -8,7 +8,7 @@ The methods, suites and offline models of the benchmark are in `peft_sparta.benc
 from __future__ import annotations
 
 from ..routers.recorder import RoutingRecorder
-from .calibration import best_router_scores, calibrate_abstain_threshold
+from .calibration import abstain_threshold, best_router_scores, calibrate_abstain_threshold
 from .driver import ContinualArguments, ContinualResult, train_sequence
 from .harness import CausalLMHarness, EmbeddingClassificationHarness, Harness
 from .methods import Method, SpaRTAMethod
@@ -24,6 +24,7 @@ __all__ = [
     "Method",
     "RoutingRecorder",
     "SpaRTAMethod",
+    "abstain_threshold",
     "average_accuracy",
     "backward_transfer",
     "best_router_scores",

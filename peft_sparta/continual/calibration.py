@@ -20,13 +20,18 @@ def best_router_scores(model, batches: Iterable[dict]) -> torch.Tensor:
     return recorder.take().amax(dim=-1)
 
 
-def calibrate_abstain_threshold(
-    model, task_batches: Iterable[dict], unrelated_batches: Iterable[dict], margin: float = 0.0
-) -> float | None:
+def abstain_threshold(task_scores: torch.Tensor, unrelated_scores: torch.Tensor, margin: float = 0.0) -> float | None:
     """The midpoint between the lowest best-score of the task inputs and the highest of the unrelated inputs, or
     None when the two groups overlap by more than ``margin`` (abstaining would then cost task accuracy)."""
-    task_low = float(best_router_scores(model, task_batches).min())
-    unrelated_high = float(best_router_scores(model, unrelated_batches).max())
+    task_low, unrelated_high = float(task_scores.min()), float(unrelated_scores.max())
     if task_low + margin <= unrelated_high:
         return None
     return (task_low + unrelated_high) / 2
+
+
+def calibrate_abstain_threshold(
+    model, task_batches: Iterable[dict], unrelated_batches: Iterable[dict], margin: float = 0.0
+) -> float | None:
+    """`abstain_threshold` of the best router scores of held-out task inputs and unrelated inputs."""
+    task_scores = best_router_scores(model, task_batches)
+    return abstain_threshold(task_scores, best_router_scores(model, unrelated_batches), margin)
