@@ -54,7 +54,6 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         self.forced_task: dict[str, Optional[int]] = {}
         self.merged_task: dict[str, int] = {}
         self.routing_context: Optional[RoutingContext] = None
-        self._frozen_stacks: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs

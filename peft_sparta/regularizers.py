@@ -70,31 +70,15 @@ class LayerRegularizers:
 
     def orthogonality_loss(self, adapter_name: str) -> torch.Tensor | None:
         """Overlap of the trainable down-projections with every other branch of this adapter: the current task's
-        against the shared and old ones, and the shared branch's against the old ones while it trains. The branches
-        that do not train are stacked once and reused (see `_frozen_down`)."""
+        against the shared and old ones, and the shared branch's against the old ones while it trains."""
         config = self.sparta_settings[adapter_name]
-        current = self.sparta_A_task[adapter_name][-1]
-        trainable_shared = [a for a in self._shared_down(adapter_name) if a.requires_grad]
-        frozen = self._frozen_down(adapter_name)
-        others = trainable_shared + ([frozen] if frozen is not None else [])
+        tasks = list(self.sparta_A_task[adapter_name])
+        current, old = tasks[-1], tasks[:-1]
+        others = self._shared_down(adapter_name) + old
         if not others:
             return None
         loss = orthogonality_penalty(current, others, config.orth_norm, backend=config.kernel_backend)
-        for shared in trainable_shared:
-            if frozen is not None:
-                loss = loss + orthogonality_penalty(shared, frozen, config.orth_norm, backend=config.kernel_backend)
+        for shared in self._shared_down(adapter_name):
+            if old and shared.requires_grad:
+                loss = loss + orthogonality_penalty(shared, old, config.orth_norm, backend=config.kernel_backend)
         return loss
-
-    def _frozen_down(self, adapter_name: str) -> torch.Tensor | None:
-        """The down-projections of the branches that do not train (old tasks, and the shared branch once frozen),
-        stacked into one tensor that is kept until one of them changes (a task added or removed, a load, a move to
-        another device or dtype), so that a training step neither re-stacks them nor grows with their number."""
-        candidates = (*self._shared_down(adapter_name), *self.sparta_A_task[adapter_name][:-1])
-        blocks = [a for a in candidates if not a.requires_grad]
-        if not blocks:
-            return None
-        key = tuple((id(a), a.data_ptr(), a._version, a.dtype) for a in blocks)
-        cached = self._frozen_stacks.get(adapter_name)
-        if cached is None or cached[0] != key:
-            cached = self._frozen_stacks[adapter_name] = (key, torch.cat([a.detach() for a in blocks]))
-        return cached[1]
