@@ -18,7 +18,15 @@ FORMAT_VERSION = 3
 
 #: Fields read at every forward, so that changing them on `peft_config` takes effect at once.
 RUN_TIME_FIELDS = frozenset(
-    ["router_temperature", "router_abstain_threshold", "top_k", "orth_lambda", "router_lambda", "dropout"]
+    [
+        "router_temperature",
+        "router_abstain_threshold",
+        "top_k",
+        "orth_lambda",
+        "router_lambda",
+        "dropout",
+        "kernel_backend",
+    ]
 )
 
 RouterName = Literal["prototype", "learned", "spectral"]
@@ -93,9 +101,15 @@ class SpaRTAConfig(PeftConfig):
         router_lambda (`float`, *optional*, defaults to `0.1`):
             Weight of the router loss (learned router only).
         kernel_backend (`str`, *optional*):
-            "eager", "torch" or "triton" forces an implementation of the adapter computation (for debugging); None
-            or "auto" uses the env var SPARTA_KERNEL_BACKEND if set, else Triton on CUDA when installed, else the
-            fused torch path.
+            The implementation of the adapter computation on this machine: "eager" (per-branch reference, for
+            debugging), "torch" (fused autograd Function) or "triton" (fused, Triton kernels on CUDA; fails loudly
+            where it cannot run). None or "auto": the env var SPARTA_KERNEL_BACKEND if set, else Triton for CUDA
+            tensors when installed, checked against the fused torch path on its first call per process and dtype
+            (one warning and the torch path if it fails), else the fused torch path. The backend is the machine's
+            choice, not the adapter's: the value is written to adapter_config.json as a record of the training run,
+            but ignored when an adapter is loaded (the loaded config has None), so an adapter trained with "triton"
+            loads and runs on a CPU-only machine and uses the guarded default on CUDA. Set it at run time on the
+            loaded config (``model.peft_config[name].kernel_backend``) or with SPARTA_KERNEL_BACKEND.
         shared_update (`str`, *optional*, defaults to `"freeze_after_first"`):
             "freeze_after_first": the shared branch trains with the first task and is frozen by the first `add_task`,
             so that later tasks cannot drift the outputs of old tasks through it (the README's ablations measure the
@@ -161,8 +175,10 @@ class SpaRTAConfig(PeftConfig):
     kernel_backend: Optional[Backend] = field(
         default=None,
         metadata={
-            "help": "Adapter computation: 'eager' (per-branch reference), 'torch' (fused Function), 'triton' (fused, "
-            "CUDA); None picks the env var SPARTA_KERNEL_BACKEND, else triton on CUDA when installed, else torch."
+            "help": "Adapter computation on this machine: 'eager' (per-branch reference), 'torch' (fused Function), "
+            "'triton' (fused, CUDA, loud on failure); None picks the env var SPARTA_KERNEL_BACKEND, else triton on "
+            "CUDA when installed (checked once against torch, falling back with a warning), else torch. A run-time "
+            "setting: saved as a record of the training run but ignored at load, so adapters run on any machine."
         },
     )
     shared_update: SharedUpdate = field(
@@ -196,6 +212,15 @@ class SpaRTAConfig(PeftConfig):
         self.task_names = list(self.task_names) if self.task_names is not None else ["task_0"]
         self._validate()
         self.__dict__["_validated"] = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load a saved config (PeftModel.from_pretrained / load_adapter and AutoPeftModel come here). The saved
+        ``kernel_backend`` is ignored: the loaded config has None, the machine's default (see the field)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, SpaRTAConfig):
+            config.kernel_backend = None
+        return config
 
     def to_dict(self) -> dict:
         """The config as saved: ``format_version`` is the version of the files written now, also for an adapter that

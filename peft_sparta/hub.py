@@ -239,6 +239,22 @@ def _wrap_transformers_load_adapter(original):
     return load_adapter
 
 
+def _wrap_machine_backend(original):
+    """transformers' ``model.load_adapter`` reads adapter_config.json with ``PeftConfig.from_pretrained``, which
+    bypasses `SpaRTAConfig.from_pretrained`: ignore the saved ``kernel_backend`` here too (the backend is the
+    machine's choice, see the field), unless the caller passed the config."""
+
+    @functools.wraps(original)
+    def load_adapter(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
+        result = original(self, peft_model_id, adapter_name, *args, **kwargs)
+        config = getattr(self, "peft_config", {}).get(adapter_name or "default")
+        if kwargs.get("peft_config") is None and isinstance(config, SpaRTAConfig):
+            config.kernel_backend = None
+        return result
+
+    return load_adapter
+
+
 def _check_loaded_weights(model: nn.Module, checkpoint: dict, adapter_name: str) -> None:
     """Every tensor of the checkpoint is in ``model`` under its key, with its value, and the model has no SpaRTA
     tensor that the checkpoint lacks."""
@@ -291,5 +307,7 @@ def install() -> None:
     PeftModel._upload_modified_files = _wrap_upload(PeftModel._upload_modified_files)
     PeftModel.load_adapter = _wrap_load_adapter(PeftModel.load_adapter)
     PeftModel.from_pretrained = _wrap_from_pretrained(PeftModel.from_pretrained)
-    PeftAdapterMixin.load_adapter = _wrap_transformers_load_adapter(PeftAdapterMixin.load_adapter)
+    PeftAdapterMixin.load_adapter = _wrap_transformers_load_adapter(
+        _wrap_machine_backend(PeftAdapterMixin.load_adapter)
+    )
     PeftModel._sparta_integration = True

@@ -29,12 +29,19 @@ def triton_available() -> bool:
     return True
 
 
+def triton_is_default(tensor: torch.Tensor) -> bool:
+    """Whether None / "auto" would run Triton for ``tensor``: a CUDA tensor, and Triton installed."""
+    return tensor.is_cuda and triton_available()
+
+
 def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     """Turn a requested backend into the one that runs: "eager", "torch" or "triton".
 
     None and "auto" defer to the environment variable SPARTA_KERNEL_BACKEND when it is set, else pick Triton for CUDA
-    tensors when Triton imports and the fused torch path otherwise. An explicit "triton" fails loudly where it cannot
-    run (no Triton, or CPU tensors outside TRITON_INTERPRET=1) instead of silently falling back.
+    tensors when Triton imports and the fused torch path otherwise. That default is guarded (guard.py): the first call
+    per process and (device, dtype) checks the Triton kernels against the fused torch path, and on any error or
+    mismatch warns once and picks the torch path from then on. An explicit "triton" is not checked and fails loudly
+    where it cannot run (no Triton, or CPU tensors outside TRITON_INTERPRET=1) instead of silently falling back.
     """
     source = "backend"
     if backend is None or backend == "auto":
@@ -42,7 +49,11 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}.")
     if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        if not triton_is_default(tensor):
+            return "torch"
+        from .guard import triton_passes_check  # imports both ops, which import this module
+
+        return "triton" if triton_passes_check(tensor) else "torch"
     if backend == "triton":
         if not triton_available():
             raise ImportError("The 'triton' kernel backend needs Triton: pip install 'peft-sparta-cl[gpu]'.")

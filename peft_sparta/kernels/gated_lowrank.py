@@ -217,7 +217,7 @@ def gated_lowrank(
 
     backend: "eager" (the reference), "torch" (fused Function, torch ops), "triton" (fused Function, Triton kernels),
     or None / "auto": the env var SPARTA_KERNEL_BACKEND if set, else "triton" for CUDA tensors when Triton is
-    installed, else "torch". The fused backends cast the gates to x's dtype.
+    installed and passes its first-use check (guard.py), else "torch". The fused backends cast the gates to x's dtype.
     """
     n_blocks = len(a_blocks)
     if len(b_blocks) != n_blocks or len(scales) != n_blocks:
