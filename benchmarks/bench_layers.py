@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table, median_seconds, peak_memory_bytes, write_results
+from common import machine, markdown_table, median_seconds, peak_memory_bytes, report
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm import tqdm
@@ -131,11 +131,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     results = run(args)
-    report = table(results, args)
-    print(report)
-    if args.output:
-        settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-        write_results(args.output, "One adapted layer: LoRA vs SpaRTA", results, report, settings)
+    report(args, "One adapted layer: LoRA vs SpaRTA", results, table(results, args))
 
 
 if __name__ == "__main__":

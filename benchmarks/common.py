@@ -125,3 +125,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def report(args, title: str, results: dict, table: str) -> None:
+    """Print the table and, with ``--output``, write the results and the table with the run's record."""
+    print(table)
+    if args.output:
+        settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+        write_results(args.output, title, results, table, settings)

@@ -205,6 +205,10 @@ def test_trl_sft_trainer_bf16_autocast_fused_backend(tmp_path):
     check_logs(run_sft(tmp_path).state.log_history)
 
 
+#: rows of one effective batch in the gradient-equivalence tests
+ROWS = 8
+
+
 def first_step_gradients(tmp_path, batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
     """The adapter's gradients at the Trainer's first optimizer step, for one effective batch of 8 rows."""
     tok = tokenizer()
@@ -223,7 +227,7 @@ def first_step_gradients(tmp_path, batch_size: int, accumulation: int) -> dict[s
             tmp_path, max_steps=1, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
             max_grad_norm=0.0,
         )  # fmt: skip
-        Trainer(model=model, args=args, train_dataset=Rows(completion_rows(tok)[:8])).train()
+        Trainer(model=model, args=args, train_dataset=Rows(completion_rows(tok)[:ROWS])).train()
     finally:
         handle.remove()
     return grads
