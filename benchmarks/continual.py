@@ -4,12 +4,20 @@ Suites (see peft_sparta/benchmark/suites.py):
 - minilm: six offline text-classification tasks with distinct label sets on all-MiniLM-L6-v2, scored by the nearest
   label-name embedding among every label seen so far (~15 min for every method on 2 CPU cores).
 - smollm: five offline instruction tasks on SmolLM2-135M-Instruct, exact-match answers (reduced CPU setting).
+- translation: translation of eight words into French, Spanish and German on all-MiniLM-L6-v2, scored as minilm: the
+  tasks' prompts differ in one word (the language), the hard case for routing.
 - standard: the Standard CL benchmark (AG News, Amazon, Yelp, DBpedia, Yahoo; orders 1-3) through `datasets`
   (Hub download, or --data-dir with <task>/train.jsonl and test.jsonl in the Hub column layout).
 
+Each offline suite (minilm, smollm, translation) also has held-out tasks, never trained (a trained task's format with
+a new label set, and a format no trained task has): every method, and the base model before training, is scored on
+them after the whole sequence (--no-held-out skips them).
+
 Writes benchmarks/results/continual-<suite>.json (merged with the methods already there), a markdown table
 (continual-<suite>.md) and plots (continual-<suite>-accuracy.png: accuracy-matrix heatmap per method;
-continual-<suite>-routing.png: mean router gates per true task for each SpaRTA run). Every method row records the run
+continual-<suite>-routing.png: mean router gates per true task for each SpaRTA run; continual-<suite>-learning.png:
+each task's accuracy right after its training, router deciding and own branch forced; continual-<suite>-held-out.png:
+accuracy on the held-out tasks, base model first). Every method row records the run
 that measured it under "run" (commit, dirty flag and changed files, machine, date, settings), since one file gathers
 rows of several runs; the header's "latest_run" is the last run that wrote the file. Rows of files written before
 rows kept their run get the header's former "machine" and "settings", marked as such, and an unknown commit.
@@ -18,6 +26,7 @@ rows kept their run get the header's former "machine" and "settings", marked as 
     python benchmarks/continual.py --suite minilm --methods sparta seq_lora --steps 30
     python benchmarks/continual.py --suite minilm --methods sparta --sparta router_temperature=0.05 --tag t005
     python benchmarks/continual.py --suite smollm --methods sparta seq_lora o_lora --steps 20
+    python benchmarks/continual.py --suite translation --methods sparta seq_lora
     python benchmarks/continual.py --suite standard --order 1 --data-dir data/standard_cl --model minilm
 """
 
@@ -66,9 +75,12 @@ MINILM_METHODS = [
     "sparta_train_shared", "sparta_one_prototype",
 ]  # fmt: skip
 SMOLLM_METHODS = ["sparta", "seq_lora", "o_lora", "osf", "mtl_lora"]
+SUITE_METHODS = {"minilm": MINILM_METHODS, "standard": MINILM_METHODS, "smollm": SMOLLM_METHODS,
+                 "translation": SMOLLM_METHODS}  # fmt: skip
 DEFAULTS = {
     # suite: steps per task, batch size, learning rate
     "minilm": (30, 16, 1e-3),
+    "translation": (30, 16, 1e-3),
     "smollm": (40, 8, 1e-3),
     "standard": (100, 16, 1e-3),
 }
@@ -76,7 +88,7 @@ DEFAULTS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["minilm", "smollm", "standard"], default="minilm")
+    parser.add_argument("--suite", choices=["minilm", "smollm", "translation", "standard"], default="minilm")
     parser.add_argument("--methods", nargs="+", default=None, help=f"any of {sorted(METHODS)}; default: the suite's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
@@ -85,8 +97,13 @@ def parse_args(argv=None):
     parser.add_argument("--r-shared", type=int, default=8)
     parser.add_argument("--r-task", type=int, default=32)
     parser.add_argument("--tasks", nargs="+", default=None, help="task names (subset / order) of the suite")
-    parser.add_argument("--train-per-label", type=int, default=None, help="minilm/standard: train examples per label")
-    parser.add_argument("--test-per-label", type=int, default=None, help="minilm/standard: test examples per label")
+    parser.add_argument(
+        "--train-per-label", type=int, default=None, help="minilm/translation/standard: train examples per label"
+    )
+    parser.add_argument(
+        "--test-per-label", type=int, default=None, help="minilm/translation/standard: test examples per label"
+    )
+    parser.add_argument("--no-held-out", action="store_true", help="do not score the suite's held-out tasks")
     parser.add_argument(
         "--boilerplate", action="store_true", help="minilm: wrap every input in shared boilerplate (harder routing)"
     )
@@ -123,31 +140,40 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def build_suite(args):
-    """(tasks, harness, model factory, target modules, task_type)."""
-    if args.suite == "minilm" or (args.suite == "standard" and args.model == "minilm"):
+    """(tasks, held-out tasks, harness, model factory, target modules, task_type)."""
+    if args.suite in ("minilm", "translation") or (args.suite == "standard" and args.model == "minilm"):
         _, tokenizer = offline.load_minilm()
-        harness = EmbeddingClassificationHarness(tokenizer, max_length=64 if args.suite == "minilm" else 128)
+        harness = EmbeddingClassificationHarness(tokenizer, max_length=128 if args.suite == "standard" else 64)
         factory, targets, task_type = (lambda: offline.load_minilm()[0]), MINILM_TARGETS, None
     else:
         _, tokenizer = offline.load_smollm2()
         harness = CausalLMHarness(tokenizer, max_new_tokens=8)
         factory, targets, task_type = (lambda: offline.load_smollm2()[0]), SMOLLM_TARGETS, "CAUSAL_LM"
+    held_out = []
+    test_per_label = args.test_per_label or 16
     if args.suite == "minilm":
         tasks = suites.classification_suite(
-            args.seed, train_per_label=args.train_per_label or 48, test_per_label=args.test_per_label or 16,
+            args.seed, train_per_label=args.train_per_label or 48, test_per_label=test_per_label,
             tasks=args.tasks, boilerplate=args.boilerplate,
         )  # fmt: skip
+        held_out = suites.classification_held_out(args.seed, test_per_label, boilerplate=args.boilerplate)
+    elif args.suite == "translation":
+        tasks = suites.translation_suite(
+            args.seed, train_per_label=args.train_per_label or 48, test_per_label=test_per_label, tasks=args.tasks
+        )
+        held_out = suites.translation_held_out(args.seed, test_per_label)
     elif args.suite == "smollm":
         tasks = suites.generation_suite(
             args.seed, train_size=args.train_size, test_size=args.test_size, tasks=args.tasks
         )
+        held_out = suites.generation_held_out(args.seed, test_size=args.test_size)
     else:
         tasks = suites.standard_cl_suite(
             tuple(args.tasks) if args.tasks else args.order, data_dir=args.data_dir,
             train_per_label=args.train_per_label or 1000, test_per_label=args.test_per_label or 500, seed=args.seed,
             text_to_text=args.model == "smollm",
         )  # fmt: skip
-    return tasks, harness, factory, targets, task_type
+    return tasks, [] if args.no_held_out else held_out, harness, factory, targets, task_type
 
 
 def run(args) -> dict:
@@ -161,8 +187,8 @@ def run(args) -> dict:
         progress=not args.no_progress,
         general_texts=suites.NEUTRAL_TEXTS,
     )
-    tasks, harness, factory, targets, task_type = build_suite(args)
-    methods = args.methods or (MINILM_METHODS if args.suite != "smollm" else SMOLLM_METHODS)
+    tasks, held_out, harness, factory, targets, task_type = build_suite(args)
+    methods = args.methods or SUITE_METHODS[args.suite]
     overrides = parse_overrides(args.sparta)
     default_stem = f"continual-{args.suite}" + ("-boilerplate" if args.boilerplate else "")
     stem = Path(args.out) if args.out else RESULTS / default_stem
@@ -174,9 +200,15 @@ def run(args) -> dict:
         "batch_size": settings.batch_size, "learning_rate": settings.learning_rate, "seed": args.seed,
         "boilerplate": args.boilerplate, "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
         "train_sizes": [len(task.train) for task in tasks], "test_sizes": [len(task.test) for task in tasks],
+        "held_out": [task.name for task in held_out], "held_out_test_sizes": [len(task.test) for task in held_out],
         "threads": args.threads, "sparta_overrides": overrides, "arguments": vars(args),
     }  # fmt: skip
     results.update(suite=args.suite, tasks=[task.name for task in tasks], latest_run=this_run)
+    if held_out:
+        results["held_out"] = [
+            {"name": task.name, "kind": task.metadata.get("held_out"), "format_of": task.metadata.get("format_of")}
+            for task in held_out
+        ]
     thresholds: list = []
     if args.calibrate_abstain:
         settings.before_evaluation = abstain_calibrator(args, tasks, harness, thresholds)
@@ -186,7 +218,8 @@ def run(args) -> dict:
         )
         key = name + (f"_{args.tag}" if args.tag else "")
         method.name = key
-        result = train_sequence(factory, tasks, settings, harness=harness, method=method).to_dict()
+        result = train_sequence(factory, tasks, settings, harness=harness, method=method, held_out=held_out)
+        result = result.to_dict()
         if method.is_sparta and overrides:
             result["sparta_overrides"] = overrides
         if thresholds:
@@ -278,10 +311,14 @@ def summary_line(name: str, result: dict) -> str:
     def fmt(value, signed=False):
         return "—" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
 
+    gains = result.get("unseen_gain") or {}
+    unseen = " ".join(f"{task} {fmt(gain, True)}" for task, gain in gains.items())
     return (
         f"{name}: AA {fmt(result['AA'])} BWT {fmt(result['BWT'], True)} FWT {fmt(result['FWT'], True)} "
-        f"routing {fmt(result['routing_accuracy'])} wall {result['wall_s']:.0f}s"
-    )
+        f"learning {fmt(result['learning_accuracy'])} forced {fmt(result.get('forced_learning_accuracy'))} "
+        f"routing {fmt(result['routing_accuracy'])}" + (f" unseen gain: {unseen}" if unseen else "")
+        + f" wall {result['wall_s']:.0f}s"
+    )  # fmt: skip
 
 
 def save(results: dict, stem: Path, plots: bool = True) -> None:
@@ -296,13 +333,15 @@ def markdown_report(results: dict) -> str:
         return "—" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
 
     header = [
-        "method", "AA", "BWT", "FWT", "learning acc", "routing acc", "drift", "trainable params", "wall s", "run",
+        "method", "AA", "BWT", "FWT", "learning acc", "forced learning acc", "routing acc", "drift",
+        "trainable params", "wall s", "run",
     ]  # fmt: skip
     runs, run_of_row = runs_of(results)
     rows = [
         [
             name, fmt(r["AA"]), fmt(r["BWT"], True), fmt(r["FWT"], True), fmt(r["learning_accuracy"]),
-            fmt(r["routing_accuracy"]), fmt(r.get("drift")), f"{r['trainable_params']:,}", f"{r['wall_s']:.0f}", run,
+            fmt(r.get("forced_learning_accuracy")), fmt(r["routing_accuracy"]), fmt(r.get("drift")),
+            f"{r['trainable_params']:,}", f"{r['wall_s']:.0f}", run,
         ]
         for (name, r), run in zip(results["methods"].items(), run_of_row)
     ]  # fmt: skip
@@ -318,32 +357,106 @@ def markdown_report(results: dict) -> str:
         (
             "AA: mean accuracy over all tasks after the last one; BWT: mean (final - just-trained) accuracy of earlier "
             "tasks (forgetting = -BWT); FWT: mean (accuracy on task j before training it - base model's); learning "
-            "acc: mean accuracy of each task right after its own training; routing acc: fraction of test inputs whose "
-            "top router gate is their own task's branch (SpaRTA with a router only); drift: change on unrelated text "
-            "(minilm: 1 - cosine of embeddings to the base model's; smollm: mean token NLL increase). No task id at "
-            "test time."
+            "acc: mean accuracy of each task right after its own training; forced learning acc: the same with the "
+            "task's own branch forced (its task id given; a method without a router has one path, so the same "
+            "value): learning acc - forced learning acc is what routing loses, 1 - forced learning acc what learning "
+            "did not reach; routing acc: fraction of test inputs whose top router gate is their own task's branch "
+            "(SpaRTA with a router only); drift: change on unrelated text (minilm, translation: 1 - cosine of "
+            "embeddings to the base model's; smollm: mean token NLL increase). No task id at test time."
         ),
         "",
         markdown_table(header, rows),
         "",
+        *held_out_report(results),
     ]
     return "\n".join(lines)
 
 
+def held_out_names(results: dict) -> list[str]:
+    """The held-out tasks of the file's rows, in the order the suite lists them."""
+    names = [entry["name"] for entry in results.get("held_out", [])]
+    for row in results["methods"].values():
+        names += [name for name in row.get("unseen_accuracy") or {} if name not in names]
+    return names
+
+
+def base_unseen_accuracy(results: dict, name: str) -> float | None:
+    """The base model's accuracy on held-out task ``name``, as the first row that measured it recorded it."""
+    for row in results["methods"].values():
+        if name in (row.get("unseen_base_accuracy") or {}):
+            return row["unseen_base_accuracy"][name]
+    return None
+
+
+def held_out_report(results: dict) -> list[str]:
+    """Markdown lines of the held-out table: unseen accuracy (and gain over the base model) per held-out task."""
+    names = held_out_names(results)
+    if not names:
+        return []
+    kinds = {entry["name"]: entry for entry in results.get("held_out", [])}
+
+    def title(name: str) -> str:
+        entry = kinds.get(name, {})
+        kind = entry.get("kind") or "held out"
+        return f"{name} ({kind}" + (f" of {entry['format_of']})" if entry.get("format_of") else ")")
+
+    def cell(row: dict, name: str) -> str:
+        if name not in (row.get("unseen_accuracy") or {}):
+            return "—"
+        return f"{row['unseen_accuracy'][name]:.3f} ({row['unseen_gain'][name]:+.3f})"
+
+    base = ["base model"] + [
+        "—" if (value := base_unseen_accuracy(results, name)) is None else f"{value:.3f}" for name in names
+    ]
+    rows = [base] + [[method, *[cell(row, name) for name in names]] for method, row in results["methods"].items()]
+    return [
+        "## Held-out tasks (never trained)",
+        "",
+        (
+            "Unseen accuracy after the whole sequence, and in brackets the gain over the base model (the same model "
+            "before any training); each held-out task is scored among the labels of every trained task and its own."
+        ),
+        "",
+        markdown_table(["method", *[title(name) for name in names]], rows),
+        "",
+    ]
+
+
 def plot(results: dict, stem: Path) -> None:
+    """The figures beside the results: accuracy matrices, routing, learning accuracy and held-out tasks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if not results["methods"]:
+        return
+    for suffix, draw in (
+        ("accuracy", plot_accuracy), ("routing", plot_routing), ("learning", plot_learning),
+        ("held-out", plot_held_out),
+    ):  # fmt: skip
+        figure = draw(results, plt)
+        if figure is not None:
+            figure.tight_layout()
+            figure.savefig(stem.parent / f"{stem.name}-{suffix}.png", dpi=110)
+            plt.close(figure)
+
+
+def _grid(plt, count: int):
+    columns = min(4, count)
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.3 * rows), squeeze=False)
+    for axis in list(axes.flat)[count:]:
+        axis.axis("off")
+    return figure, axes
+
+
+def plot_accuracy(results: dict, plt):
+    """Accuracy-matrix heatmap per method."""
     import numpy as np
 
     methods = results["methods"]
-    tasks = results.get("tasks", [])
-    if not methods:
-        return
-    columns = min(4, len(methods))
-    rows = -(-len(methods) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.3 * rows), squeeze=False)
+    figure, axes = _grid(plt, len(methods))
     for axis, (name, result) in zip(axes.flat, methods.items()):
         matrix = [[np.nan if v is None else v for v in row] for row in result["accuracy_matrix"]]
         matrix = np.array(matrix, dtype=float)
@@ -352,41 +465,87 @@ def plot(results: dict, stem: Path) -> None:
             if not np.isnan(value):
                 color = "w" if value < 0.6 else "k"
                 axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
-        names = result.get("task_names") or tasks
+        names = result.get("task_names") or results.get("tasks", [])
         axis.set_title(f"{name}\nAA {result['AA']:.2f}", fontsize=8)
         axis.set_xticks(range(len(names)), names, rotation=60, fontsize=6)
         labels = ["all (MTL)"] if matrix.shape[0] == 1 and len(names) > 1 else names[: matrix.shape[0]]
         axis.set_yticks(range(matrix.shape[0]), labels, fontsize=6)
         axis.set_xlabel("evaluated task", fontsize=6)
         axis.set_ylabel("after training", fontsize=6)
-    for axis in list(axes.flat)[len(methods) :]:
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(stem.parent / f"{stem.name}-accuracy.png", dpi=110)
-    plt.close(figure)
+    return figure
 
-    routed = {name: r for name, r in methods.items() if r.get("routing_weights")}
+
+def plot_routing(results: dict, plt):
+    """Mean router gates per true task (and per held-out task, marked "new") for each routing run."""
+    import numpy as np
+
+    routed = {name: r for name, r in results["methods"].items() if r.get("routing_weights")}
     if not routed:
-        return
-    columns = min(4, len(routed))
-    rows = -(-len(routed) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.3 * rows), squeeze=False)
+        return None
+    figure, axes = _grid(plt, len(routed))
     for axis, (name, result) in zip(axes.flat, routed.items()):
-        weights = np.array(result["routing_weights"], dtype=float)
+        unseen = {task: gates for task, gates in (result.get("unseen_routing_weights") or {}).items() if gates}
+        weights = np.array(result["routing_weights"] + list(unseen.values()), dtype=float)
         axis.imshow(weights, vmin=0, vmax=1, cmap="magma")
         for (i, j), value in np.ndenumerate(weights):
             axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
-        names = result.get("task_names") or tasks
+        names = result.get("task_names") or results.get("tasks", [])
+        rows = names[: len(result["routing_weights"])] + [f"new: {task}" for task in unseen]
         axis.set_title(f"{name}\nrouting acc {result['routing_accuracy']:.2f}", fontsize=8)
         axis.set_xticks(range(weights.shape[1]), names[: weights.shape[1]], rotation=60, fontsize=6)
-        axis.set_yticks(range(weights.shape[0]), names[: weights.shape[0]], fontsize=6)
+        axis.set_yticks(range(weights.shape[0]), rows, fontsize=6)
         axis.set_xlabel("task branch (mean gate)", fontsize=6)
         axis.set_ylabel("test inputs of task", fontsize=6)
-    for axis in list(axes.flat)[len(routed) :]:
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(stem.parent / f"{stem.name}-routing.png", dpi=110)
-    plt.close(figure)
+    return figure
+
+
+def plot_learning(results: dict, plt):
+    """Each method's learning accuracy with the router deciding beside the one with each task's branch forced."""
+    import numpy as np
+
+    rows = {
+        name: r for name, r in results["methods"].items()
+        if r.get("learning_accuracy") is not None and r.get("forced_learning_accuracy") is not None
+    }  # fmt: skip
+    if not rows:
+        return None
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.4))
+    positions = np.arange(len(rows))
+    routed = [r["learning_accuracy"] for r in rows.values()]
+    forced = [r["forced_learning_accuracy"] for r in rows.values()]
+    for offset, values, label in ((-0.2, routed, "router deciding"), (0.2, forced, "own branch forced")):
+        bars = axis.bar(positions + offset, values, width=0.4, label=label)
+        axis.bar_label(bars, fmt="%.2f", fontsize=6)
+    axis.set_xticks(positions, list(rows), rotation=45, ha="right", fontsize=7)
+    axis.set_ylim(0, 1.08)
+    axis.set_ylabel("accuracy right after each task's training", fontsize=7)
+    axis.set_title("Learning accuracy: routing loss vs learning loss", fontsize=8)
+    axis.legend(fontsize=6, loc="lower right")
+    return figure
+
+
+def plot_held_out(results: dict, plt):
+    """Accuracy on each held-out task after the whole sequence: the base model first, then every method."""
+    import numpy as np
+
+    names = held_out_names(results)
+    if not names:
+        return None
+    figure, axes = _grid(plt, len(names))
+    for axis, task in zip(axes.flat, names):
+        labels = ["base model"] + [
+            m for m, r in results["methods"].items() if task in (r.get("unseen_accuracy") or {})
+        ]
+        base = base_unseen_accuracy(results, task)
+        values = [np.nan if base is None else base]
+        values += [results["methods"][m]["unseen_accuracy"][task] for m in labels[1:]]
+        bars = axis.bar(range(len(labels)), values, color=["grey"] + ["C0"] * (len(labels) - 1))
+        axis.bar_label(bars, fmt="%.2f", fontsize=6)
+        axis.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=6)
+        axis.set_ylim(0, 1.1)
+        axis.set_title(f"held out: {task}", fontsize=8)
+        axis.set_ylabel("accuracy after the sequence", fontsize=6)
+    return figure
 
 
 def main(argv=None) -> None:

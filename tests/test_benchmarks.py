@@ -42,3 +42,49 @@ def test_bench_layers_output_records_results_table_and_run(bench_layers, tmp_pat
     report = (tmp_path / "layers.md").read_text()
     assert saved["table"] in report and "| 576->1536 | sparta-fused | 2 |" in report
     assert "Run: commit" in report
+
+
+@pytest.fixture
+def bench_task_scaling(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("bench_task_scaling", BENCHMARKS / "bench_task_scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("common", None)
+
+
+def test_bench_task_scaling_sizes_known_answers_and_output(bench_task_scaling, tmp_path, monkeypatch):
+    args = argparse.Namespace(
+        tasks=[1, 3], layers=1, vocab=128, batch=1, seq=4, r_shared=2, r_task=3, prototype_batches=1, warmup=0,
+        repeats=1, threads=1, output=tmp_path / "scaling.json",
+    )  # fmt: skip
+    monkeypatch.setattr(bench_task_scaling.argparse.ArgumentParser, "parse_args", lambda self: args)
+    bench_task_scaling.main()
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    one, three = saved["results"]["1"], saved["results"]["3"]
+    # (in + out) features per rank over the layer's projections, SmolLM2's shape: q, o; k, v; gate, up, down
+    features = 2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536)
+    prototypes = 16 * (576 + 1)  # per task: 16 prototypes of the 576-wide sequence query, and their counts
+    assert one["trainable_params"] == (2 + 3) * features, "one task: the shared and the task branch train"
+    assert three["trainable_params"] == 3 * features, "later tasks: the newest task branch alone"
+    assert three["stored_params"] - one["stored_params"] == 2 * (3 * features + prototypes)
+    assert three["file_bytes"] > one["file_bytes"] > 4 * one["stored_params"]
+    assert all(value > 0 for value in (three["step_s"], three["step_no_penalty_s"], three["infer_s"]))
+    assert one["router_s"] > 0 and three["router_s"] > 0
+    assert saved["run"]["settings"]["tasks"] == [1, 3]
+    assert "| 3 | 30,528 |" in (tmp_path / "scaling.md").read_text()
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_bench_task_scaling_router_timer_restores_the_model(bench_task_scaling):
+    args = argparse.Namespace(layers=1, vocab=128, batch=1, seq=4, r_shared=2, r_task=3, prototype_batches=1)
+    case = bench_task_scaling.Case(2, args)
+    routers = [
+        router for layer in bench_task_scaling.sparta_layers(case.model) for router in layer.sparta_router.values()
+    ]
+    with bench_task_scaling.router_timer(case.model) as total:
+        case.infer_step()
+    assert total[0] > 0
+    assert all("decide" not in vars(router) for router in routers)
+    assert "begin_forward" not in vars(case.model.base_model.routing_context)

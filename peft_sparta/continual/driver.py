@@ -1,5 +1,6 @@
 """The sequence driver: `train_sequence` trains a task sequence with one method and measures the accuracy matrix,
-the continual-learning metrics and, for SpaRTA, the routing accuracy."""
+the continual-learning metrics, the learning accuracy with the task's own branch forced, the accuracy on held-out
+tasks that are never trained and, for SpaRTA, the routing accuracy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ class ContinualArguments:
     seed: int = 0
     progress: bool = True
     measure_forward_transfer: bool = True
+    #: after each task, also score it with its own branch forced (the task id given), to tell the accuracy the router
+    #: loses from the accuracy training did not reach
+    measure_forced_learning: bool = True
     record_routing: bool = True
     #: label space of the multi-task upper bound's loss: "union" (every task's labels, as at its evaluation) or
     #: "task" (each example's own task labels, as the sequential methods train)
@@ -66,6 +70,16 @@ class ContinualResult:
     wall_s: float
     final_losses: list[float]
     drift: float | None = None
+    #: accuracy on each task right after its training with the method's own path for it forced (SpaRTA: the task's
+    #: branch, `set_task`; a method without a router has only one path, so the entry is the matrix diagonal's)
+    forced_learning_per_task: list[float] | None = None
+    forced_learning_accuracy: float | None = None
+    #: held-out tasks (never trained): accuracy after the whole sequence, the base model's, and the difference
+    unseen_accuracy: dict[str, float] = field(default_factory=dict)
+    unseen_base_accuracy: dict[str, float] = field(default_factory=dict)
+    unseen_gain: dict[str, float] = field(default_factory=dict)
+    #: held-out task -> mean router gate per task branch after the whole sequence (methods that route)
+    unseen_routing_weights: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict:
         def clean(value):
@@ -93,6 +107,11 @@ def _candidates(tasks, upto: int) -> list[str]:
     return labels
 
 
+def _held_out_candidates(tasks, task) -> list[str]:
+    """A held-out task is scored among every trained task's labels and its own: the model is not told it is new."""
+    return _candidates([*tasks, task], len(tasks))
+
+
 def train_sequence(
     model_factory_or_model,
     tasks,
@@ -100,6 +119,7 @@ def train_sequence(
     *,
     harness: Harness,
     method: Method | None = None,
+    held_out: Sequence = (),
 ) -> ContinualResult:
     """Train ``tasks`` in order with ``method`` and measure the accuracy matrix, AA, BWT, FWT and routing accuracy.
 
@@ -112,20 +132,30 @@ def train_sequence(
         harness: a `Harness` (loss and task-free accuracy), e.g. `EmbeddingClassificationHarness` or
             `CausalLMHarness`.
         method: a `peft_sparta.continual.Method` (e.g. a baseline of `peft_sparta.benchmark.baselines`); required unless a SpaRTA model is passed.
+        held_out: tasks that are never trained (their ``train`` examples are not used): scored before any training
+            and after the whole sequence (``unseen_accuracy``, ``unseen_base_accuracy``, ``unseen_gain``), each among
+            the labels of every trained task and its own.
 
     After training task i, every task j <= i is evaluated (and task i + 1, for the forward transfer), with the label
     names of tasks 0..max(i, j) as candidates; ``base_accuracy[j]`` is task j before any training with candidates
     0..j. SpaRTA models are evaluated with the router deciding (no task id); the routing accuracy at a stage is the
     fraction of test inputs of the tasks trained so far whose largest gate (mean over positions and layers) is their
     own task's branch. A multi-task method trains once on all tasks (T x steps steps) and yields one row.
+    Right after task i, task i is also scored with its own branch forced (`Method.forced`) and the label candidates
+    of the diagonal entry: ``learning_accuracy - forced_learning_accuracy`` is what routing loses, ``1 -
+    forced_learning_accuracy`` what learning did not reach.
     """
     args = args or ContinualArguments()
     if not tasks:
         raise ValueError("train_sequence needs at least one task.")
+    held_out = list(held_out)
+    names = [task.name for task in tasks]
+    clashes = sorted({task.name for task in held_out} & set(names))
+    if clashes:
+        raise ValueError(f"held-out tasks {clashes} are also in the trained sequence.")
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     model = _resolve_model(model_factory_or_model)
-    names = [task.name for task in tasks]
     tuner = find_sparta_tuner(model)
     if method is None:
         if tuner is None:
@@ -147,16 +177,18 @@ def train_sequence(
     if tuner is not None and branch_names[0] in tuner.task_names:
         offset = tuner.task_names.index(branch_names[0])
 
-    harness.prepare(model, tasks)
+    harness.prepare(model, [*tasks, *held_out])
     model.eval()
     general_texts = list(args.general_texts) if args.general_texts else None
     reference = harness.general_reference(model, general_texts) if general_texts else None
     base_accuracy = [harness.accuracy(model, task, _candidates(tasks, j)) for j, task in enumerate(tasks)]
+    unseen_base = {task.name: harness.accuracy(model, task, _held_out_candidates(tasks, task)) for task in held_out}
 
     rows: list[list[float | None]] = []
     routing_per_stage: list[float | None] = []
     routing_weights = None
     final_losses: list[float] = []
+    forced: list[float] = []
     stages = [(-1, list(range(len(tasks))))] if method.multitask else [(i, [i]) for i in range(len(tasks))]
     for stage, trained in stages:
         index = len(tasks) - 1 if stage < 0 else stage
@@ -170,10 +202,13 @@ def train_sequence(
             args.before_evaluation(model, list(range(index + 1)))
         row, gates_by_task = _evaluate(model, tasks, index, args, harness, method, multitask=method.multitask)
         rows.append(row)
+        if args.measure_forced_learning and not method.multitask:
+            forced.append(_forced_accuracy(model, tasks, index, row[index], harness, method, branch_names[index]))
         accuracy, weights = _routing_accuracy(gates_by_task, index, offset)
         routing_per_stage.append(accuracy)
         routing_weights = weights
     model.eval()
+    unseen, unseen_weights = _evaluate_held_out(model, tasks, held_out, args, harness, method, offset)
     drift = harness.drift(model, general_texts, reference) if general_texts else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if method.multitask:
@@ -200,6 +235,12 @@ def train_sequence(
         wall_s=time.perf_counter() - started,
         final_losses=final_losses,
         drift=drift,
+        forced_learning_per_task=forced or None,
+        forced_learning_accuracy=sum(forced) / len(forced) if forced else None,
+        unseen_accuracy=unseen,
+        unseen_base_accuracy=unseen_base,
+        unseen_gain={name: unseen[name] - unseen_base[name] for name in unseen},
+        unseen_routing_weights=unseen_weights,
     )
     result.model = model
     return result
@@ -257,6 +298,34 @@ def _evaluate(model, tasks, stage: int, args, harness, method, multitask: bool):
         else:
             row.append(harness.accuracy(model, task, candidates))
     return row, gates_by_task
+
+
+def _forced_accuracy(model, tasks, index: int, routed: float, harness, method, branch_name: str) -> float:
+    """Task ``index`` scored as its diagonal entry is, but through the method's own path for it (`Method.forced`);
+    a method that does not route has that one path only, so its diagonal entry ``routed`` is the answer."""
+    if not method.routes:
+        return routed
+    with method.forced(model, branch_name):
+        return harness.accuracy(model, tasks[index], _candidates(tasks, index))
+
+
+def _evaluate_held_out(model, tasks, held_out, args, harness, method, offset: int):
+    """Accuracy on each held-out task after the whole sequence and, for a routing SpaRTA model, its mean gates over
+    the sequence's branches."""
+    record = args.record_routing and method.routes and held_out and find_sparta_tuner(model) is not None
+    recorder = RoutingRecorder(model) if record else None
+    accuracy, weights = {}, {}
+    for task in held_out:
+        candidates = _held_out_candidates(tasks, task)
+        if recorder is None:
+            accuracy[task.name] = harness.accuracy(model, task, candidates)
+            continue
+        with recorder:
+            recorder.enabled = False
+            accuracy[task.name] = harness.accuracy(model, task, candidates, recorder=recorder)
+        gates = recorder.take()
+        weights[task.name] = [float(value) for value in gates.mean(dim=0)[offset:]] if gates.numel() else []
+    return accuracy, (weights or None)
 
 
 def _routing_accuracy(gates_by_task: dict, stage: int, offset: int):

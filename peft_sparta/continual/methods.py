@@ -3,6 +3,7 @@ The benchmark's baselines (`peft_sparta.benchmark.baselines`) are Methods too.""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,11 @@ class Method:
         """A loss the method adds to the task loss at every step (besides what the model adds itself)."""
         return None
 
+    def forced(self, model: nn.Module, task_name: str) -> AbstractContextManager:
+        """A context in which ``model`` computes task ``task_name`` through its own path, as if its task id were
+        given: what the learning accuracy would be without routing errors. Asked only of methods that route."""
+        raise NotImplementedError(f"{type(self).__name__} routes, so it must say how to force a task's path.")
+
 
 @dataclass
 class SpaRTAMethod(Method):
@@ -54,3 +60,12 @@ class SpaRTAMethod(Method):
         if task_name not in model.base_model.task_names:
             model.base_model.add_task(task_name)
         return model
+
+    @contextmanager
+    def forced(self, model, task_name):
+        """The task's own branch (`set_task`), released to the router afterwards."""
+        model.base_model.set_task(task_name)
+        try:
+            yield
+        finally:
+            model.base_model.set_task(None)

@@ -8,6 +8,11 @@
   of every task seen so far.
 - `generation_suite`: five instruction tasks with short exact-match answers (number words to digits, addition,
   capital letters, plural, first letter), for causal LMs.
+- `translation_suite`: translation of the same eight words into French, Spanish and German as classification: the
+  tasks' prompts differ in one word (the language), the hard case for routing.
+- `classification_held_out`, `generation_held_out`, `translation_held_out`: each suite's tasks that are never
+  trained (a trained task's format with a new label set, and a format no trained task has), scored after the whole
+  sequence (``train_sequence(..., held_out=...)``).
 - `standard_cl_suite`: the "Standard CL benchmark" (AG News, Amazon, Yelp, DBpedia, Yahoo Answers) as
   text-to-text classification in the three task orders of the literature, through `datasets` (downloadable or local
   files in the same column layout).
@@ -15,10 +20,11 @@
 
 from __future__ import annotations
 
-from .classification import CLASSIFICATION_TASKS, classification_suite
-from .generation import GENERATION_TASKS, generation_suite
+from .classification import CLASSIFICATION_TASKS, classification_held_out, classification_suite
+from .generation import GENERATION_TASKS, generation_held_out, generation_suite
 from .standard_cl import STANDARD_CL_ORDERS, STANDARD_CL_TASKS, standard_cl_suite
 from .tasks import CALIBRATION_TEXTS, NEUTRAL_TEXTS, Example, Task
+from .translation import TRANSLATION_TASKS, translation_held_out, translation_suite
 
 
 __all__ = [
@@ -28,9 +34,14 @@ __all__ = [
     "NEUTRAL_TEXTS",
     "STANDARD_CL_ORDERS",
     "STANDARD_CL_TASKS",
+    "TRANSLATION_TASKS",
     "Example",
     "Task",
+    "classification_held_out",
     "classification_suite",
+    "generation_held_out",
     "generation_suite",
     "standard_cl_suite",
+    "translation_held_out",
+    "translation_suite",
 ]

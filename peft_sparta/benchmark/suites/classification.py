@@ -3,7 +3,8 @@ of origin, emotion), built from templates and word lists. Each task has its own 
 by their input distribution, while the slot fillers are shared across tasks (sports or finance words appear in
 reviews, questions and diaries), so that training one task can disturb another: forgetting is measurable. No task id
 reaches the model: the input is the text alone and the label is scored among the label names of every task seen so
-far."""
+far. Two held-out tasks (`classification_held_out`) are never trained: the topic task's templates with new labels,
+and a format of its own."""
 
 from __future__ import annotations
 
@@ -51,13 +52,18 @@ _COMMON = {"city": _CITIES, "name": _NAMES, "day": _DAYS}
 
 
 def _topic(rng: random.Random, label: str) -> str:
+    return _topic_with(rng, _DOMAINS[label])
+
+
+def _topic_with(rng: random.Random, words: list[str]) -> str:
+    """A news text about ``words`` (the topic task's templates)."""
     templates = [
         "news report from {city}: officials discussed the {w} and the {w2} on {day}.",
         "{city} daily: {name} wrote a long column about the {w}, the {w2} and the {w3}.",
         "headline: {name} surprises everyone with a new {w} in {city}",
         "breaking story in {city} this {day}: the {w} near the {w2} drew a crowd.",
     ]
-    return _fill(rng, rng.choice(templates), w=_DOMAINS[label], **_COMMON)
+    return _fill(rng, rng.choice(templates), w=words, **_COMMON)
 
 
 _POLARITY = {
@@ -208,24 +214,95 @@ def classification_suite(
     unknown = [name for name in names if name not in _CLASSIFICATION_TASKS]
     if unknown:
         raise ValueError(f"unknown classification tasks {unknown}; available: {list(CLASSIFICATION_TASKS)}.")
-    suite = []
-    for index, name in enumerate(names):
-        labels, generator = _CLASSIFICATION_TASKS[name]
-        rng = random.Random(f"{seed}-{name}")
-        train, test = [], []
-        for label in labels:
+    return [
+        _labelled_task(name, *_CLASSIFICATION_TASKS[name], seed, train_per_label, test_per_label, boilerplate)
+        for name in names
+    ]
 
-            def make(r, label=label, generator=generator):
-                text = generator(r, label)
-                return Example(_wrap_in_boilerplate(r, text) if boilerplate else text, label)
 
-            label_train, label_test = split(rng, make, train_per_label, test_per_label)
-            train += label_train
-            test += label_test
-        rng.shuffle(train)
-        rng.shuffle(test)
-        suite.append(Task(name=name, train=train, test=test, labels=labels))
-    return suite
+def _labelled_task(
+    name: str,
+    labels: tuple[str, ...],
+    generator: Callable[[random.Random, str], str],
+    seed: int,
+    train_per_label: int,
+    test_per_label: int,
+    boilerplate: bool = False,
+    metadata: dict | None = None,
+) -> Task:
+    """A classification task of ``generator``'s texts, ``train_per_label`` + ``test_per_label`` distinct texts per
+    label, deterministic in ``seed`` and ``name``."""
+    rng = random.Random(f"{seed}-{name}")
+    train, test = [], []
+    for label in labels:
+
+        def make(r, label=label):
+            text = generator(r, label)
+            return Example(_wrap_in_boilerplate(r, text) if boilerplate else text, label)
+
+        label_train, label_test = split(rng, make, train_per_label, test_per_label)
+        train += label_train
+        test += label_test
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return Task(name=name, train=train, test=test, labels=labels, metadata=dict(metadata or {}))
 
 
 # ---- generation suite -----------------------------------------------------------------------------------------------
+
+
+# ---- held-out tasks: never trained, scored after the whole sequence -------------------------------------------------
+
+_NEW_DOMAINS = {
+    "health": ["hospital", "nurse", "clinic", "surgeon", "flu season", "blood test", "pharmacy", "patients"],
+    "politics": ["parliament", "election", "senator", "campaign", "voters", "minister", "new law", "city council"],
+    "education": ["school", "classroom", "exam", "university", "students", "homework", "lecture", "teacher strike"],
+    "fashion": ["runway", "designer", "dress", "handbag", "fashion week", "silk scarf", "model", "boutique"],
+}  # fmt: skip
+
+_ANIMALS = {
+    "bird": ["sparrow", "eagle", "owl", "parrot", "pigeon", "heron", "robin", "falcon"],
+    "fish": ["salmon", "trout", "shark", "tuna", "carp", "cod", "herring", "goldfish"],
+    "insect": ["beetle", "butterfly", "ant", "bee", "mosquito", "grasshopper", "wasp", "ladybug"],
+    "mammal": ["elephant", "horse", "whale", "fox", "rabbit", "deer", "bear", "squirrel"],
+}  # fmt: skip
+
+
+def _topic_new_labels(rng: random.Random, label: str) -> str:
+    """The topic task's templates with domains no trained task has."""
+    return _topic_with(rng, _NEW_DOMAINS[label])
+
+
+def _animal(rng: random.Random, label: str) -> str:
+    templates = [
+        "field notes, {day}: a {a} was spotted near the {w} outside {city}.",
+        "{name} took a photo of a {a} and a {a2} at the park.",
+        "wildlife log: two {a} sightings by {name} this {day}.",
+        "the kids in {city} drew a {a} for the school fair.",
+    ]
+    return _fill(rng, rng.choice(templates), a=_ANIMALS[label], w=ALL_DOMAIN_WORDS, **_COMMON)
+
+
+#: name -> (label names, generator, metadata): a trained task's format with a new label set, and a new format.
+_HELD_OUT_CLASSIFICATION = {
+    "topic_new_labels": (tuple(_NEW_DOMAINS), _topic_new_labels, {"held_out": "new labels", "format_of": "topic"}),
+    "animal": (tuple(_ANIMALS), _animal, {"held_out": "new format"}),
+}
+
+
+def classification_held_out(
+    seed: int = 0, test_per_label: int = 16, boilerplate: bool = False, tasks: list[str] | None = None
+) -> list[Task]:
+    """Tasks of the classification suite that are never trained (no train examples): ``topic_new_labels`` (the topic
+    task's templates with four new domains as labels) and ``animal`` (a format and label set no trained task has),
+    or the subset ``tasks``. Their label names differ from every trained task's; ``metadata["held_out"]`` names the
+    kind."""
+    names = list(tasks) if tasks is not None else list(_HELD_OUT_CLASSIFICATION)
+    unknown = [name for name in names if name not in _HELD_OUT_CLASSIFICATION]
+    if unknown:
+        raise ValueError(f"unknown held-out tasks {unknown}; available: {list(_HELD_OUT_CLASSIFICATION)}.")
+    return [
+        _labelled_task(name, *_HELD_OUT_CLASSIFICATION[name][:2], seed, 0, test_per_label, boilerplate,
+                       _HELD_OUT_CLASSIFICATION[name][2])
+        for name in names
+    ]  # fmt: skip

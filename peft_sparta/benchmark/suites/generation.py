@@ -1,5 +1,6 @@
 """Five offline instruction tasks with short exact-match answers (number words to digits, addition, capital
-letters, plural, first letter), for causal LMs."""
+letters, plural, first letter), for causal LMs, and two held-out tasks that are never trained (`generation_held_out`:
+first_letter's prompt asking for the last letter, and a format of its own)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,37 @@ def generation_suite(
         rng = random.Random(f"{seed}-{name}")
         train, test = split(rng, _GENERATION_TASKS[name], train_size, test_size)
         suite.append(Task(name=name, train=train, test=test))
+    return suite
+
+
+# ---- held-out tasks: never trained, scored after the whole sequence -------------------------------------------------
+
+
+def _last_letter(rng: random.Random) -> Example:
+    word = rng.choice(_PLURAL_NOUNS + _ADJECTIVES + [w for w in ALL_DOMAIN_WORDS if " " not in w])
+    return Example(f"What is the last letter of the word '{word}'?", word[-1])
+
+
+def _larger(rng: random.Random) -> Example:
+    a, b = rng.sample(range(10, 100), 2)
+    return Example(f"Which number is larger, {a} or {b}?", str(max(a, b)))
+
+
+#: name -> (generator, metadata): a trained task's format with new answers, and a format no trained task has.
+_HELD_OUT_GENERATION = {
+    "last_letter": (_last_letter, {"held_out": "new labels", "format_of": "first_letter"}),
+    "larger": (_larger, {"held_out": "new format"}),
+}
+
+
+def generation_held_out(seed: int = 0, test_size: int = 24) -> list[Task]:
+    """Tasks of the generation suite that are never trained (no train examples): ``last_letter`` (first_letter's
+    prompt with one word changed, so other answers) and ``larger`` (a format no trained task has);
+    ``metadata["held_out"]`` names the kind."""
+    suite = []
+    for name, (generator, metadata) in _HELD_OUT_GENERATION.items():
+        _, test = split(random.Random(f"{seed}-{name}"), generator, 0, test_size)
+        suite.append(Task(name=name, train=[], test=test, metadata=dict(metadata)))
     return suite
 
 
