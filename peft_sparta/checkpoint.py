@@ -34,13 +34,16 @@ def drop_per_layer_router_copies(checkpoint: dict, expected: dict, config: SpaRT
 
 
 def check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:
-    """The checkpoint (keys without adapter name) holds one branch per task that the config names."""
-    task_key = re.compile(r"\.sparta_A_task\.(\d+)$")
+    """The checkpoint (keys without adapter name) holds one branch per task that the config names, or with
+    ``task_branches="shared"`` one block of router components per task."""
+    shared = getattr(config, "task_branches", "per_task") == "shared"
+    task_key = re.compile(r"\.sparta_router\.keys\.(\d+)$" if shared else r"\.sparta_A_task\.(\d+)$")
     saved_tasks = {int(m.group(1)) for key in checkpoint if (m := task_key.search(key))}
     if saved_tasks and len(saved_tasks) != len(config.task_names):
+        held = "blocks of router components" if shared else "task branches"
         raise SpaRTALoadError(
             f"The adapter config names {len(config.task_names)} tasks ({', '.join(config.task_names)}) but its "
-            f"weights hold {len(saved_tasks)} task branches: adapter_config.json and the weights file come from "
+            f"weights hold {len(saved_tasks)} {held}: adapter_config.json and the weights file come from "
             "different saves. Save the adapter again, or restore the matching files."
         )
 

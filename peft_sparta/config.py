@@ -13,8 +13,13 @@ from .kernels import BACKENDS, NORMS, Backend, Norm
 from .registration import PEFT_TYPE_SPARTA
 
 
-#: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code.
-FORMAT_VERSION = 3
+#: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code. The newest
+#: version, read and written by this code.
+FORMAT_VERSION = 4
+
+#: The version per-task adapters (``task_branches="per_task"``) are written in, which releases before version 4 read;
+#: version 4 marks adapters with ``task_branches="shared"``, which those releases would read as per-task ones.
+PER_TASK_FORMAT_VERSION = 3
 
 #: Fields read at every forward, so that changing them on `peft_config` takes effect at once.
 RUN_TIME_FIELDS = frozenset(
@@ -24,12 +29,15 @@ RUN_TIME_FIELDS = frozenset(
         "top_k",
         "orth_lambda",
         "router_lambda",
+        "router_orth_lambda",
         "dropout",
         "kernel_backend",
+        "recompute_activations",
     ]
 )
 
-RouterName = Literal["prototype", "learned", "spectral"]
+RouterName = Literal["prototype", "learned", "spectral", "components"]
+TaskBranches = Literal["per_task", "shared"]
 Granularity = Literal["auto", "token", "sequence"]
 SharedUpdate = Literal["train", "freeze_after_first"]
 Bias = Literal["none", "all", "sparta_only"]
@@ -43,7 +51,9 @@ class SpaRTAConfig(PeftConfig):
     SpaRTA ("Spectral Disentanglement: Rank-Aware Task Adaptation for Rehearsal-free Continual Learning in LLMs",
     ACL 2026) splits the update of every adapted weight into a low-rank branch shared by all tasks and one high-rank
     branch per task, kept in mutually orthogonal subspaces, and weighs the task branches with a router so that no task
-    id is needed at inference.
+    id is needed at inference. ``task_branches="shared"`` (with ``router="components"``, see `paper_design`) is the
+    design of the authors' public code instead: one low-rank and one high-rank branch trained on every task, weighed
+    per input by a router that grows by a few components per task.
 
     Args:
         r_shared (`int`, *optional*, defaults to `8`):
@@ -73,11 +83,15 @@ class SpaRTAConfig(PeftConfig):
         router (`str`, *optional*, defaults to `"prototype"`):
             "prototype": parameter-free nearest-prototype router built from each task's inputs. "learned": one
             trainable key per task trained with the router loss. "spectral": training-free, routes by the projection
-            of the input on each task branch's top right singular vectors.
+            of the input on each task branch's top right singular vectors. "components" (only with
+            ``task_branches="shared"``): sigmoid weights of the shared and the task branch from learnable components
+            (keys, attention vectors and weights; `peft_sparta.routers.ComponentRouter`) that each adapted layer
+            computes from its own input, ``router_components`` new rows per task, earlier rows frozen.
         router_granularity (`str`, *optional*, defaults to `"auto"`):
             "token": every layer routes every token from its own input. "sequence": one query per input from the
             masked mean of the input embeddings, shared by all layers. "auto": sequence when the base model has input
-            embeddings and the router is not spectral, token otherwise.
+            embeddings and the router is not spectral, token otherwise. With ``router="components"``: "sequence" and
+            "auto" weigh the branches once per sequence (sum over its tokens, as the DATA code), "token" per token.
         router_dim (`int`, *optional*):
             If set, queries go through a frozen random projection to this size before routing.
         router_temperature (`float`, *optional*, defaults to `0.02`):
@@ -110,10 +124,35 @@ class SpaRTAConfig(PeftConfig):
             but ignored when an adapter is loaded (the loaded config has None), so an adapter trained with "triton"
             loads and runs on a CPU-only machine and uses the guarded default on CUDA. Set it at run time on the
             loaded config (``model.peft_config[name].kernel_backend``) or with SPARTA_KERNEL_BACKEND.
+        recompute_activations (`bool`, *optional*, defaults to `False`):
+            Activation memory against time in training. False: every adapted layer keeps its down-projection
+            dropout(x) A^T for backward, N x (r_shared + r_task) elements for N tokens, as much as PEFT's LoRA of that
+            rank keeps. True: backward recomputes it from the layer input, which it keeps anyway, saving that memory
+            for one more (N x in_features x rank) GEMM per layer. Read at every forward; the eager backend ignores it.
         shared_update (`str`, *optional*, defaults to `"freeze_after_first"`):
             "freeze_after_first": the shared branch trains with the first task and is frozen by the first `add_task`,
             so that later tasks cannot drift the outputs of old tasks through it (the README's ablations measure the
-            difference); "train": it trains on every task.
+            difference); "train": it trains on every task (required by ``task_branches="shared"``).
+        task_branches (`str`, *optional*, defaults to `"per_task"`):
+            "per_task": one high-rank branch per task, frozen once the task is over (SpaRTA's default here).
+            "shared": the paper design of the authors' public code (DATA, arXiv 2502.11482): a single high-rank branch
+            (rank ``r_task``) beside the low-rank one (``r_shared``), both trained on every task, so the adapter does
+            not grow with tasks; each input weighs them with the component router (``router="components"``, and
+            ``shared_update="train"``). ``orth_lambda`` then weighs the subspace penalty ||A_task A_shared^T||. There
+            is one branch to route to, so ``top_k`` and ``router_abstain_threshold`` do not apply; `set_task` (any
+            task) fixes both weights at 1, which makes the adapter a LoRA of rank r_shared + r_task and mergeable.
+        router_components (`int`, *optional*, defaults to `8`):
+            Rows each task adds to every component matrix of the component router (per branch).
+        router_orth_lambda (`float`, *optional*, defaults to `1.0`):
+            Weight of the component router's orthogonality penalty mean((T T^T - I)^2) on its keys, attention vectors
+            and weights (DATA's ``ortho_mu``).
+        restore_every (`int`, *optional*):
+            Stochastic restoration (from the DATA code): every ``restore_every`` optimizer steps, each trainable entry
+            of the branches is reset, with probability ``restore_prob``, to its value at the start of the task's
+            training. Applied after every optimizer step that updates the adapter (any training loop, no callback
+            needed) or by ``model.restore_stochastically()``. None turns it off.
+        restore_prob (`float`, *optional*, defaults to `1e-5`):
+            Probability that stochastic restoration resets an entry (DATA's value).
         task_names (`list[str]`, *optional*):
             Names of the tasks, in order; the last one is the task being trained. Defaults to `["task_0"]`.
             Maintained by `add_task` and saved with the adapter.
@@ -150,7 +189,10 @@ class SpaRTAConfig(PeftConfig):
             "weight's singular vectors, branches exactly orthogonal. False: random non-zero B (tests only)."
         },
     )
-    router: RouterName = field(default="prototype", metadata={"help": "Router: 'prototype', 'learned' or 'spectral'."})
+    router: RouterName = field(
+        default="prototype",
+        metadata={"help": "Router: 'prototype', 'learned', 'spectral', or 'components' (task_branches='shared')."},
+    )
     router_granularity: Granularity = field(
         default="auto", metadata={"help": "Routing granularity: 'auto', 'token' or 'sequence'."}
     )
@@ -181,12 +223,41 @@ class SpaRTAConfig(PeftConfig):
             "setting: saved as a record of the training run but ignored at load, so adapters run on any machine."
         },
     )
+    recompute_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "True: recompute each adapted layer's down-projection (N x (r_shared + r_task) elements) in "
+            "backward instead of keeping it, one more GEMM per layer; False keeps it, as LoRA does."
+        },
+    )
     shared_update: SharedUpdate = field(
         default="freeze_after_first",
         metadata={
             "help": "Shared branch across tasks: 'freeze_after_first' (trained with the first task) or 'train'."
         },
     )
+    task_branches: TaskBranches = field(
+        default="per_task",
+        metadata={
+            "help": "'per_task': one high-rank branch per task, frozen after it. 'shared': the paper design (DATA "
+            "code): one low-rank and one high-rank branch trained on every task, weighed per input by the component "
+            "router (router='components', shared_update='train')."
+        },
+    )
+    router_components: int = field(
+        default=8, metadata={"help": "Rows each task adds to the component router's matrices (per branch)."}
+    )
+    router_orth_lambda: float = field(
+        default=1.0, metadata={"help": "Weight of the component router's orthogonality penalty (DATA's ortho_mu)."}
+    )
+    restore_every: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Stochastic restoration: every this many optimizer steps, reset each trainable branch entry to "
+            "its value at the task's start with probability restore_prob. None: off."
+        },
+    )
+    restore_prob: float = field(default=1e-5, metadata={"help": "Probability of resetting an entry at restoration."})
     task_names: Optional[list[str]] = field(
         default=None, metadata={"help": "Task names in order; the last is being trained. Saved with the adapter."}
     )
@@ -222,10 +293,31 @@ class SpaRTAConfig(PeftConfig):
             config.kernel_backend = None
         return config
 
+    @classmethod
+    def paper_design(cls, **kwargs) -> SpaRTAConfig:
+        """The design of the authors' public code (DATA, arXiv 2502.11482), which SpaRTA's paper builds on: one
+        low-rank (rank 4) and one high-rank (rank 16) branch per adapted layer, scale 1, both trained on every task and weighed
+        per sequence by the component router (8 rows per task, orthogonality weight 1), plus our subspace penalty
+        ``orth_lambda``. Stochastic restoration stays off, as in the code's published runs; ``kwargs`` override any
+        field (e.g. ``target_modules``, ``restore_every``)."""
+        design = {
+            "task_branches": "shared",
+            "router": "components",
+            "shared_update": "train",
+            "r_shared": 4,
+            "r_task": 16,
+            "alpha_shared": 4,
+            "alpha_task": 16,
+            "router_components": 8,
+            "router_orth_lambda": 1.0,
+        }
+        return cls(**{**design, **kwargs})
+
     def to_dict(self) -> dict:
-        """The config as saved: ``format_version`` is the version of the files written now, also for an adapter that
-        was loaded from an older version."""
-        return {**super().to_dict(), "format_version": FORMAT_VERSION}
+        """The config as saved: ``format_version`` is the version of the files written now (the oldest that holds this
+        adapter, see `PER_TASK_FORMAT_VERSION`), also for an adapter that was loaded from an older version."""
+        version = FORMAT_VERSION if self.task_branches == "shared" else PER_TASK_FORMAT_VERSION
+        return {**super().to_dict(), "format_version": version}
 
     def __setattr__(self, name: str, value) -> None:
         """Store numbers of other libraries (numpy, torch scalars) as Python numbers, and validate the settings that
@@ -269,7 +361,16 @@ class SpaRTAConfig(PeftConfig):
         _check_choice("orth_norm", self.orth_norm, NORMS)
         _check_non_negative("router_lambda", self.router_lambda)
         _check_choice("shared_update", self.shared_update, get_args(SharedUpdate))
+        _check_choice("task_branches", self.task_branches, get_args(TaskBranches))
+        self._validate_paper_design()
+        _check_int("router_components", self.router_components, minimum=1)
+        _check_non_negative("router_orth_lambda", self.router_orth_lambda)
+        if self.restore_every is not None:
+            _check_int("restore_every", self.restore_every, minimum=1)
+        if not _is_finite_number(self.restore_prob) or not 0.0 <= self.restore_prob <= 1.0:
+            raise ValueError(f"restore_prob must be a probability in [0, 1], got {self.restore_prob!r}.")
         _check_choice("kernel_backend", self.kernel_backend, (None, *BACKENDS))
+        _check_choice("recompute_activations", self.recompute_activations, (True, False))
         _check_choice("bias", self.bias, get_args(Bias))
         self._validate_task_names()
         _check_int("format_version", self.format_version, minimum=1)
@@ -280,6 +381,32 @@ class SpaRTAConfig(PeftConfig):
             )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform; set both or neither.")
+
+    def _validate_paper_design(self) -> None:
+        """``task_branches="shared"`` goes with the component router, a trained shared branch and no task choice."""
+        shared = self.task_branches == "shared"
+        if shared != (self.router == "components"):
+            raise ValueError(
+                "task_branches='shared' (the paper design: one low-rank and one high-rank branch trained on every "
+                "task) goes with router='components', and router='components' with task_branches='shared'; got "
+                f"task_branches={self.task_branches!r}, router={self.router!r}. SpaRTAConfig.paper_design(...) sets "
+                "both."
+            )
+        if not shared:
+            return
+        if self.shared_update != "train":
+            raise ValueError(
+                "task_branches='shared' trains both branches on every task: set shared_update='train' (got "
+                f"{self.shared_update!r})."
+            )
+        if self.r_shared < 1:
+            raise ValueError("task_branches='shared' needs the low-rank branch: r_shared must be >= 1, got 0.")
+        for name in ("top_k", "router_abstain_threshold"):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name} chooses among task branches; task_branches='shared' has a single one, so {name} must be "
+                    f"None (got {getattr(self, name)!r})."
+                )
 
     def _validate_task_names(self) -> None:
         names = self.task_names

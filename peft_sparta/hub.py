@@ -42,11 +42,21 @@ def model_card_section(model: PeftModel, adapter_name: str) -> str:
     config = model.peft_config[adapter_name]
     tasks = "\n".join(f"{index}. `{name}`" for index, name in enumerate(config.task_names, start=1))
     base = config.base_model_name_or_path or "<base model>"
+    if getattr(config, "task_branches", "per_task") == "shared":
+        design = (
+            f"a low-rank branch (rank {config.r_shared}) and a high-rank branch (rank {config.r_task}) trained on "
+            'every task (the paper design, `task_branches="shared"`), with a component router that weighs the '
+            "two branches per input"
+        )
+    else:
+        design = (
+            f"a shared low-rank branch (rank {config.r_shared}) and one branch of rank {config.r_task} per task, with "
+            f"a `{config.router}` router that picks the task branch from the input"
+        )
     return f"""{MODEL_CARD_HEADING}
 
-Continual-learning adapter trained with [SpaRTA](https://pypi.org/project/peft-sparta-cl/): a shared low-rank branch
-(rank {config.r_shared}) and one branch of rank {config.r_task} per task, with a `{config.router}` router that picks
-the task branch from the input (no task id needed at inference).
+Continual-learning adapter trained with [SpaRTA](https://pypi.org/project/peft-sparta-cl/): {design} (no task id
+needed at inference).
 
 Tasks, in training order:
 {tasks}

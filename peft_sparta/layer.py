@@ -25,6 +25,10 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
     ``shared_update="train"``); a list of task branches (A_k, B_k) of which only the last, the current task, is
     trainable; and a `Router` that weighs the task branches per input. With a single task and no abstain threshold
     the router is the constant 1, so the adapter is a LoRA of rank r_shared + r_task.
+
+    With ``task_branches="shared"`` (the paper design) there is one task branch whatever the number of tasks, trained
+    on every task like the shared branch, and the component router weighs both branches per input; adding a task
+    grows the router only.
     """
 
     adapter_layer_names = ("sparta_A_shared", "sparta_B_shared", "sparta_A_task", "sparta_B_task", "sparta_router")
@@ -36,6 +40,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         "sparta_settings",
         "forced_task",
         "merged_task",
+        "sparta_frozen_stack",
     )
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, **kwargs) -> None:
@@ -53,6 +58,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         self.sparta_settings: dict[str, SpaRTAConfig] = {}
         self.forced_task: dict[str, Optional[int]] = {}
         self.merged_task: dict[str, int] = {}
+        self.sparta_frozen_stack: dict[str, tuple[list, torch.Tensor]] = {}  # see LayerRegularizers._frozen_stack
         self.routing_context: Optional[RoutingContext] = None
         self._disable_adapters = False
         self.merged_adapters = []
@@ -103,23 +109,27 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         self.set_adapter(self.active_adapters)
 
     def add_task(self, adapter_name: str) -> None:
-        """Freeze the current task branch (and its router state) and append a new trainable task branch."""
+        """Freeze the current task branch (and its router state) and append a new trainable task branch; with
+        ``task_branches="shared"``, create the single task branch once and grow the router only."""
         config = self.sparta_settings[adapter_name]
         a_tasks, b_tasks = self.sparta_A_task[adapter_name], self.sparta_B_task[adapter_name]
-        a, b = self._new_branch(config.r_task, a_tasks[0].dtype if len(a_tasks) else torch.float32)
-        self._init_branch(adapter_name, a, b, start=config.r_shared + len(a_tasks) * config.r_task)
-        a_tasks.append(a)
-        b_tasks.append(b)
+        if not (self.shares_task_branch(adapter_name) and len(a_tasks)):
+            a, b = self._new_branch(config.r_task, a_tasks[0].dtype if len(a_tasks) else torch.float32)
+            self._init_branch(adapter_name, a, b, start=config.r_shared + len(a_tasks) * config.r_task)
+            a_tasks.append(a)
+            b_tasks.append(b)
         self.sparta_router[adapter_name].add_task()
         self._freeze_finished(adapter_name)
 
     def remove_task(self, adapter_name: str, index: int) -> None:
         """Drop task ``index``'s branch and router state, as if it had never been added: the last remaining task is
-        the current one (trainable if the adapter was being trained)."""
+        the current one (trainable if the adapter was being trained). With ``task_branches="shared"`` only the
+        task's router rows go: the branches keep what every task taught them."""
         trainable = self.sparta_A_task[adapter_name][-1].requires_grad
-        for container in (self.sparta_A_task, self.sparta_B_task):
-            kept = [param for task, param in enumerate(container[adapter_name]) if task != index]
-            container[adapter_name] = nn.ParameterList(kept)
+        if not self.shares_task_branch(adapter_name):
+            for container in (self.sparta_A_task, self.sparta_B_task):
+                kept = [param for task, param in enumerate(container[adapter_name]) if task != index]
+                container[adapter_name] = nn.ParameterList(kept)
         self.sparta_router[adapter_name].remove_task(index)
         forced = self.forced_task[adapter_name]
         if forced is not None:
@@ -151,7 +161,16 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
     # ---- trainability ----------------------------------------------------------------------------------------------
 
     def num_tasks(self, adapter_name: str) -> int:
+        """The number of task branches (1 with ``task_branches="shared"``, whatever the number of tasks)."""
         return len(self.sparta_A_task[adapter_name])
+
+    def shares_task_branch(self, adapter_name: str) -> bool:
+        """Whether the adapter has one task branch for every task (``task_branches="shared"``, the paper design)."""
+        return self.sparta_settings[adapter_name].task_branches == "shared"
+
+    def _branch_of(self, adapter_name: str, task: int) -> int:
+        """The task branch that holds task ``task``."""
+        return 0 if self.shares_task_branch(adapter_name) else task
 
     def shared_is_trainable(self, adapter_name: str) -> bool:
         config = self.sparta_settings[adapter_name]
@@ -196,14 +215,17 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         router's loss: the forced task (``set_task``) alone, else what the router decides (see `Router.route`)."""
         forced = self.forced_task[adapter_name]
         if forced is not None:
-            return Routing([forced])
+            return Routing([self._branch_of(adapter_name, forced)])
         return self.router(adapter_name).route(x, self.routing_context, self.branches(adapter_name), self.training)
 
     def router_gates(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """Gates over all task branches (..., tasks) that the router gives input ``x`` at inference, with no side
         effect (also in training mode, where the layer itself routes to the current task): one-hot for a forced task
-        or a single task, all zero for an input the router abstains on."""
+        or a single task, all zero for an input the router abstains on. With ``task_branches="shared"``: the weights
+        (..., 2) of the shared and the task branch (both 1 under `set_task`)."""
         forced = self.forced_task[adapter_name]
+        if forced is not None and self.shares_task_branch(adapter_name):
+            return torch.ones(*x.shape[:-1], 2, device=x.device)
         if forced is not None:
             index = torch.tensor(forced, device=x.device)
             return F.one_hot(index, self.num_tasks(adapter_name)).float().expand(*x.shape[:-1], -1)
@@ -217,8 +239,11 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
 
     # ---- computation -------------------------------------------------------------------------------------------------
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor, tasks: list[int], gates) -> torch.Tensor:
-        """The adapter's contribution for input x: shared branch plus the task branches ``tasks`` with ``gates``."""
+    def adapter_delta(
+        self, adapter_name: str, x: torch.Tensor, tasks: list[int], gates, shared_gate=None
+    ) -> torch.Tensor:
+        """The adapter's contribution for input x: shared branch (gate ``shared_gate``, 1 when None) plus the task
+        branches ``tasks`` with ``gates``."""
         shared = adapter_name in self.sparta_A_shared
         if not tasks and not shared:
             return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -230,23 +255,38 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
             b_blocks.insert(0, self.sparta_B_shared[adapter_name])
             scales.insert(0, self.scaling_shared[adapter_name])
             if gates is not None:
-                gates = torch.cat([gates.new_ones(*gates.shape[:-1], 1), gates], dim=-1)
+                shared_gate = gates.new_ones(*gates.shape[:-1], 1) if shared_gate is None else shared_gate
+                gates = torch.cat([shared_gate, gates], dim=-1)
         x = self._cast_input_dtype(x, a_blocks[0].dtype)
         if gates is not None:
             gates = gates.to(x.dtype)
         config = self.sparta_settings[adapter_name]
         return gated_lowrank(
-            x, a_blocks, b_blocks, scales, gates, config.dropout, self.training, backend=config.kernel_backend
+            x,
+            a_blocks,
+            b_blocks,
+            scales,
+            gates,
+            config.dropout,
+            self.training,
+            backend=config.kernel_backend,
+            recompute=config.recompute_activations,
         )
 
     def _merge_task(self, adapter_name: str) -> int:
-        """The task branch a merge folds into the weight: the forced one, or the only one."""
+        """The task whose branch a merge folds into the weight: the forced one, or the only one."""
         forced = self.forced_task[adapter_name]
         if forced is not None:
             return forced
+        names = self.sparta_settings[adapter_name].task_names
+        if self.shares_task_branch(adapter_name):
+            raise ValueError(
+                f"Cannot merge SpaRTA adapter '{adapter_name}': with task_branches='shared' the component router "
+                "weighs the two branches per input, which a single merged weight cannot do. Call "
+                f"model.set_task('{names[-1]}') first (any task): it fixes both weights at 1, the LoRA that merges."
+            )
         if self.num_tasks(adapter_name) == 1:
             return 0
-        names = self.sparta_settings[adapter_name].task_names
         raise ValueError(
             f"Cannot merge SpaRTA adapter '{adapter_name}': it has {len(names)} tasks ({', '.join(names)}) and the "
             "router chooses among them per input, which a single merged weight cannot do. Call "
@@ -276,11 +316,12 @@ class Linear(nn.Module, SpaRTALayer):
     def get_delta_weight(self, adapter_name: str, task: Optional[int] = None) -> torch.Tensor:
         """Weight update of the adapter with task branch ``task`` routed alone, in the base weight's layout."""
         task = self._merge_task(adapter_name) if task is None else task
+        branch = self._branch_of(adapter_name, task)
         weight = self.get_base_layer().weight
-        a = self.sparta_A_task[adapter_name][task]
+        a = self.sparta_A_task[adapter_name][branch]
         compute_dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
         delta = self.scaling_task[adapter_name] * (
-            self.sparta_B_task[adapter_name][task].to(compute_dtype) @ a.to(compute_dtype)
+            self.sparta_B_task[adapter_name][branch].to(compute_dtype) @ a.to(compute_dtype)
         )
         if adapter_name in self.sparta_A_shared:
             shared_b = self.sparta_B_shared[adapter_name].to(compute_dtype)
@@ -332,10 +373,17 @@ class Linear(nn.Module, SpaRTALayer):
             if adapter_name not in self.sparta_A_task:
                 continue
             routing = self.route(adapter_name, x)
-            result = result + self.adapter_delta(adapter_name, x, routing.tasks, routing.gates).to(result.dtype)
+            delta = self.adapter_delta(adapter_name, x, routing.tasks, routing.gates, routing.shared_gate)
+            result = result + delta.to(result.dtype)
             if self.training:
                 result = self._attach_regularizers(adapter_name, result, routing.loss)
         return result
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moves and casts (``.to()``, ``.half()``, ...) also drop the stacks of frozen branches, rebuilt at the next
+        training step from the converted blocks: the new storage may reuse the old one's address."""
+        self.sparta_frozen_stack.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "sparta." + super().__repr__()

@@ -20,21 +20,27 @@ from .checkpoint import check_checkpoint, check_task_count, current_key, drop_pe
 from .config import SpaRTAConfig
 from .layer import Linear, SpaRTALayer, sparta_layers
 from .optimizer_guard import guard_optimizers_of
+from .restoration import RestorePoint, count_optimizer_steps_of, restore, take_restore_point
 from .routers import Router, RoutingContext
-from .routers.context import CACHED_QUERY, kv_cache
+from .routers.context import CACHED_QUERY, CACHED_SUMS, kv_cache
 
 
 #: Every SpaRTA tuner alive in this process (to tell whether a config object is shared between models).
 _LIVE_TUNERS: weakref.WeakSet = weakref.WeakSet()
+
+#: The layer containers of the branches, whose trainable entries stochastic restoration resets.
+BRANCH_CONTAINERS = ("sparta_A_shared", "sparta_B_shared", "sparta_A_task", "sparta_B_task")
 
 
 class SpaRTAModel(BaseTuner):
     """
     Creates a SpaRTA model from a pretrained transformers model.
 
-    Every targeted linear layer gets a shared low-rank branch, one high-rank branch per task and a router; see
-    [`SpaRTAConfig`]. The model adds and removes tasks (`add_task`, `remove_task`), forces or releases routing
-    (`set_task`), and in training mode attaches its regularizers to each adapted layer's output (see
+    Every targeted linear layer gets a shared low-rank branch, one high-rank branch per task (or one for all tasks with
+    ``task_branches="shared"``, the paper design) and a router; see [`SpaRTAConfig`]. The model adds and removes tasks
+    (`add_task`, `remove_task`), forces or releases routing (`set_task`), restores entries stochastically when
+    configured (`restore_stochastically`, `peft_sparta.restoration`), and in training mode attaches its regularizers to
+    each adapted layer's output (see
     `peft_sparta.regularizers`), so that whatever loss a trainer computes from the outputs trains them too;
     `outputs.loss` is the task loss alone and `last_regularization` holds the regularizers' values.
 
@@ -66,6 +72,7 @@ class SpaRTAModel(BaseTuner):
         self.routing_context = RoutingContext()
         self.last_regularization: dict[str, torch.Tensor] = {}
         self._hook_handles: list = []
+        self._restore_points: dict[str, RestorePoint] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ---- injection ---------------------------------------------------------------------------------------------------
@@ -160,7 +167,11 @@ class SpaRTAModel(BaseTuner):
         return embeddings if isinstance(embeddings, nn.Embedding) else None
 
     def _granularity(self, config: SpaRTAConfig) -> str:
-        """Resolve "auto": sequence routing when the model has input embeddings and the router is not spectral."""
+        """Resolve "auto": sequence routing when the model has input embeddings and the router is not spectral. The
+        component router routes inside each layer from the layer's own input ("token" here, whatever weight
+        granularity it is configured with)."""
+        if config.router == "components":
+            return "token"
         if config.router_granularity != "auto":
             if config.router_granularity == "sequence" and self._input_embeddings() is None:
                 raise ValueError(
@@ -195,8 +206,11 @@ class SpaRTAModel(BaseTuner):
     # ---- per-forward hooks -------------------------------------------------------------------------------------------
 
     def _routing_pre_hook(self, module, args, kwargs):
-        """Compute, once per forward, the sequence query and the prompt mask that the layers route with."""
+        """Compute, once per forward, the sequence query and the prompt mask that the layers route with; at a task's
+        first training forward, take the start values of stochastic restoration."""
         self.routing_context.begin_forward(args, kwargs, self._input_embeddings(), self._needs_sequence_query())
+        if module.training:
+            self._take_restore_points()
 
     def _needs_sequence_query(self) -> bool:
         return any(
@@ -217,6 +231,9 @@ class SpaRTAModel(BaseTuner):
         query = self.routing_context.sequence_query
         if query is not None and hasattr(cache, "get_seq_length"):
             setattr(cache, CACHED_QUERY, query)
+        sums = self.routing_context.sequence_sums
+        if sums and hasattr(cache, "get_seq_length"):
+            setattr(cache, CACHED_SUMS, dict(sums))
         return None
 
     # ---- regularizers ------------------------------------------------------------------------------------------------
@@ -235,6 +252,47 @@ class SpaRTAModel(BaseTuner):
         if not scale > 0:
             raise ValueError(f"penalty_scale must be > 0, got {scale!r}.")
         self.routing_context.penalty_scale = float(scale)
+
+    # ---- stochastic restoration (see `peft_sparta.restoration`) ------------------------------------------------------
+
+    def _take_restore_points(self) -> None:
+        """The start values of every active adapter with ``restore_every`` set that has none for its current task."""
+        for adapter_name in self.active_adapters:
+            config = self.peft_config.get(adapter_name)
+            if getattr(config, "restore_every", None) is None or adapter_name in self._restore_points:
+                continue
+            named = [(name, param) for name, param in self.model.named_parameters() if _is_branch(name, adapter_name)]
+            self._restore_points[adapter_name] = take_restore_point(named, len(config.task_names))
+            count_optimizer_steps_of(self)
+
+    def _count_optimizer_step(self, parameter_ids: set[int]) -> None:
+        """An optimizer holding ``parameter_ids`` stepped: count it for the adapters it trains, restore when due."""
+        for adapter_name, point in list(self._restore_points.items()):
+            config = self.peft_config.get(adapter_name)
+            if config is None or config.restore_every is None:
+                self._restore_points.pop(adapter_name)
+                continue
+            if not point.holds_any(parameter_ids):
+                continue
+            point.steps += 1
+            if point.steps % config.restore_every == 0:
+                restore(point, config.restore_prob)
+
+    def restore_stochastically(self, adapter_name: Optional[str] = None) -> int:
+        """Stochastic restoration now: reset each trainable branch entry of the adapter, with probability
+        ``restore_prob``, to its value at the start of the task's training. Returns the number of entries reset.
+
+        Every optimizer step that updates the adapter already does this when ``restore_every`` steps are due; call it
+        yourself where the optimizer holds copies of the parameters (DeepSpeed's engine).
+        """
+        adapter_name = self._adapter(adapter_name)
+        point = self._restore_points.get(adapter_name)
+        if point is None:
+            raise ValueError(
+                f"Adapter '{adapter_name}' has no restore point: the start values are taken at the first training "
+                "forward of a task, when the adapter's config sets restore_every."
+            )
+        return restore(point, self.peft_config[adapter_name].restore_prob)
 
     # ---- continual API -----------------------------------------------------------------------------------------------
 
@@ -276,6 +334,7 @@ class SpaRTAModel(BaseTuner):
         for layer in layers:
             layer.add_task(adapter_name)
         config.task_names.append(task_name)
+        self._restore_points.pop(adapter_name, None)
         self.set_task(None, adapter_name)
 
     def remove_task(self, task_name: str, adapter_name: Optional[str] = None) -> None:
@@ -301,6 +360,7 @@ class SpaRTAModel(BaseTuner):
         for layer in layers:
             layer.remove_task(adapter_name, index)
         config.task_names.remove(task_name)
+        self._restore_points.pop(adapter_name, None)
 
     def set_task(self, task_name: Optional[str], adapter_name: Optional[str] = None) -> None:
         """Route every input to ``task_name``'s branch (task-aware evaluation, merging), or to the router (None)."""
@@ -372,6 +432,12 @@ def find_sparta_tuners(model: nn.Module) -> list[SpaRTAModel]:
     """The SpaRTA tuners whose routing hook is registered on ``model``, oldest first."""
     hooks = getattr(model, "_forward_pre_hooks", {}).values()
     return [hook.__self__ for hook in hooks if isinstance(getattr(hook, "__self__", None), SpaRTAModel)]
+
+
+def _is_branch(parameter_name: str, adapter_name: str) -> bool:
+    """Whether a model parameter is one of the adapter's branch matrices (not its router state)."""
+    parts = parameter_name.split(".")
+    return any(part in BRANCH_CONTAINERS and parts[i + 1] == adapter_name for i, part in enumerate(parts[:-1]))
 
 
 def _is_quantized(layer: nn.Module) -> bool:

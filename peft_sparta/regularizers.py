@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .kernels import orthogonality_penalty
+from .kernels.backend import resolve_backend
 from .routers import is_recomputation
 
 
@@ -71,14 +72,55 @@ class LayerRegularizers:
     def orthogonality_loss(self, adapter_name: str) -> torch.Tensor | None:
         """Overlap of the trainable down-projections with every other branch of this adapter: the current task's
         against the shared and old ones, and the shared branch's against the old ones while it trains."""
-        config = self.sparta_settings[adapter_name]
         tasks = list(self.sparta_A_task[adapter_name])
         current, old = tasks[-1], tasks[:-1]
-        others = self._shared_down(adapter_name) + old
-        if not others:
+        shared = self._shared_down(adapter_name)
+        if not shared + old:
             return None
-        loss = orthogonality_penalty(current, others, config.orth_norm, backend=config.kernel_backend)
-        for shared in self._shared_down(adapter_name):
-            if old and shared.requires_grad:
-                loss = loss + orthogonality_penalty(shared, old, config.orth_norm, backend=config.kernel_backend)
+        loss = self._penalty_against(adapter_name, current, shared + old)
+        for block in shared:
+            if old and block.requires_grad:
+                loss = loss + self._penalty_against(adapter_name, block, old)
         return loss
+
+    def _penalty_against(self, adapter_name: str, left: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+        """The orthogonality penalty of ``left`` against ``others``, as one product against the stack of the frozen
+        ones (`_frozen_stack`) plus one against the trainable ones, which must get their gradient (the shared branch
+        while it trains; every block under FSDP, whose views of the flat parameter all require grad). The eager
+        backend, the per-branch reference, gets the frozen blocks themselves."""
+        config = self.sparta_settings[adapter_name]
+        backend = resolve_backend(config.kernel_backend, left)
+        frozen = [block for block in others if not block.requires_grad]
+        trainable = [block for block in others if block.requires_grad]
+        if len(frozen) > 1 and backend != "eager":
+            frozen = [self._frozen_stack(adapter_name, frozen)]
+        penalties = [
+            orthogonality_penalty(left, group, config.orth_norm, backend=backend)
+            for group in (frozen, trainable)
+            if group
+        ]
+        return penalties[0] if len(penalties) == 1 else penalties[0] + penalties[1]
+
+    def _frozen_stack(self, adapter_name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """``torch.cat(blocks)`` without autograd history, built once per task instead of at every step.
+
+        Frozen branches do not change while a task trains, so the stack is kept per adapter and rebuilt only when a
+        block is another tensor, has other storage or was modified in place (its identity, data pointer and version
+        counter are compared): `add_task` and `remove_task` change the blocks, loading a state dict copies into them
+        (a new version) or assigns new ones, and moving the layer (`.to()`, which may reuse freed storage) clears the
+        stack. It is a copy, not views of the blocks, so that FSDP or ZeRO-3 freeing or resizing parameter storage
+        between forwards cannot change it under the penalty; it costs one more copy of the frozen down-projections
+        (sum of their rows x in_features elements per layer) while it is held.
+        """
+        key = [(block, block.data_ptr(), block._version) for block in blocks]
+        cached = self.sparta_frozen_stack.get(adapter_name)
+        if cached is None or not _same_blocks(cached[0], key):
+            cached = self.sparta_frozen_stack[adapter_name] = (key, torch.cat(blocks))
+        return cached[1]
+
+
+def _same_blocks(cached: list[tuple], current: list[tuple]) -> bool:
+    """Whether two keys of `_frozen_stack` name the same tensors, in the same order, storage and version."""
+    return len(cached) == len(current) and all(
+        old is new and old_state == new_state for (old, *old_state), (new, *new_state) in zip(cached, current)
+    )

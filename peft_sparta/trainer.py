@@ -22,6 +22,8 @@ Every training log then carries
 - ``sparta/gate/<task>``: the mean gate the router would give each task branch on the training inputs since the
   previous log (in training the current task is routed to its own branch; this is the router's decision at
   inference), and ``sparta/routed_to_current``: the fraction of those inputs whose top gate is the current task;
+  with ``task_branches="shared"``, ``sparta/weight/shared`` and ``sparta/weight/task``: the mean router weights of
+  the two branches;
 
 and every evaluation log ``eval_sparta/gate/<task>`` (the gates actually used in eval mode). The values are written
 into the ``logs`` dict of ``on_log`` and into the same record of ``state.log_history``. Callbacks run in list order
@@ -32,11 +34,13 @@ puts the callback first so that they report these values too.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from .model import find_sparta_tuner
+from .routers.components import BRANCHES
 from .routers.recorder import RoutingRecorder
 
 
@@ -92,6 +96,16 @@ class SpaRTACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._ensure(model)
+        restoring = self._tuner is not None and any(
+            getattr(config, "restore_every", None) is not None for config in self._tuner.peft_config.values()
+        )
+        if restoring and getattr(self.trainer, "is_deepspeed_enabled", False):
+            warnings.warn(
+                "Stochastic restoration (restore_every) runs after optimizer steps that update the adapter's own "
+                "parameters; DeepSpeed's optimizer holds copies of them, so no restoration happens. Call "
+                "model.restore_stochastically() every restore_every steps from a callback of your own.",
+                stacklevel=2,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         for recorder in (self._train_recorder, self._eval_recorder):
@@ -136,6 +150,11 @@ class SpaRTACallback(TrainerCallback):
     def _task_names(self) -> list[str]:
         return list(self._tuner.task_names) if self._tuner is not None else []
 
+    def _shares_task_branch(self) -> bool:
+        """Whether the active adapter is the paper design, whose router weighs two branches instead of tasks."""
+        config = self._tuner.peft_config.get(self._tuner.active_adapters[0])
+        return getattr(config, "task_branches", "per_task") == "shared"
+
     def _gate_logs(self, recorder: RoutingRecorder | None, prefix: str, with_current: bool) -> dict[str, float]:
         if recorder is None:
             return {}
@@ -143,6 +162,8 @@ class SpaRTACallback(TrainerCallback):
         names = self._task_names()
         if gates.numel() == 0 or not names:
             return {}
+        if self._shares_task_branch():
+            return {f"{prefix}weight/{name}": float(value) for name, value in zip(BRANCHES, gates.mean(dim=0))}
         gates = gates[:, : len(names)]
         logs = {f"{prefix}gate/{name}": float(value) for name, value in zip(names, gates.mean(dim=0))}
         if with_current:

@@ -7,7 +7,9 @@ import importlib.util
 import json
 import math
 import random
+import re
 import string
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +27,7 @@ from peft_sparta.continual import (
     ContinualArguments,
     EmbeddingClassificationHarness,
     Harness,
+    Method,
     RoutingRecorder,
     average_accuracy,
     backward_transfer,
@@ -123,8 +126,11 @@ FAST = ContinualArguments(steps=2, batch_size=4, learning_rate=1e-2, progress=Fa
 @pytest.fixture(scope="module")
 def classification():
     tasks = small_classification_tasks()
-    tokenizer = word_tokenizer(all_texts(tasks) + suites.NEUTRAL_TEXTS)
+    tokenizer = word_tokenizer(all_texts(tasks) + all_texts(HELD_OUT) + suites.NEUTRAL_TEXTS)
     return tasks, tokenizer
+
+
+HELD_OUT = suites.classification_held_out(seed=1, test_per_label=2)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -132,7 +138,9 @@ def test_every_method_runs_and_reports(classification, name):
     tasks, tokenizer = classification
     harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
     method = make_method(name, ["query", "value"], r_shared=2, r_task=4)
-    result = train_sequence(lambda: tiny_encoder(len(tokenizer)), tasks, FAST, harness=harness, method=method)
+    result = train_sequence(
+        lambda: tiny_encoder(len(tokenizer)), tasks, FAST, harness=harness, method=method, held_out=HELD_OUT
+    )
     data = result.to_dict()
     json.dumps(data)  # serialisable, NaN turned to None
     rows = data["accuracy_matrix"]
@@ -149,12 +157,33 @@ def test_every_method_runs_and_reports(classification, name):
         assert data["BWT"] is None
     else:
         assert -1.0 <= data["BWT"] <= 1.0 and -1.0 <= data["FWT"] <= 1.0
-    routed = method.is_sparta and name != "sparta_no_router"
+    routed = method.routes
     assert (data["routing_accuracy"] is not None) == routed
     if routed:
         assert 0.0 <= data["routing_accuracy"] <= 1.0
         assert len(data["routing_weights"]) == len(tasks)
         assert all(len(row) == len(tasks) for row in data["routing_weights"])
+    # learning accuracy with each task's own branch forced: one per task; a method without a router has one path
+    if method.multitask:
+        assert data["forced_learning_accuracy"] is None and data["forced_learning_per_task"] is None
+    else:
+        forced = data["forced_learning_per_task"]
+        assert len(forced) == len(tasks) and all(0.0 <= value <= 1.0 for value in forced)
+        assert data["forced_learning_accuracy"] == pytest.approx(sum(forced) / len(tasks))
+        if not method.routes:
+            assert forced == [rows[i][i] for i in range(len(tasks))]
+    # held-out tasks: scored for every method, against the base model before training
+    names = [task.name for task in HELD_OUT]
+    assert list(data["unseen_accuracy"]) == list(data["unseen_base_accuracy"]) == list(data["unseen_gain"]) == names
+    for task in names:
+        assert 0.0 <= data["unseen_accuracy"][task] <= 1.0
+        expected = data["unseen_accuracy"][task] - data["unseen_base_accuracy"][task]
+        assert data["unseen_gain"][task] == pytest.approx(expected)
+    if method.routes:
+        assert set(data["unseen_routing_weights"]) == set(names)
+        assert all(len(gates) == len(tasks) for gates in data["unseen_routing_weights"].values())
+    else:
+        assert data["unseen_routing_weights"] is None
 
 
 def test_trainable_rank_is_the_same_for_every_sequential_method(classification):
@@ -217,6 +246,105 @@ def test_train_sequence_needs_a_method_for_a_plain_model(classification):
         train_sequence(tiny_encoder(len(tokenizer)), tasks, FAST, harness=harness)
 
 
+# ---- forced-branch learning accuracy and held-out tasks on a scripted harness -----------------------------------------
+
+
+class ScriptedModel(torch.nn.Module):
+    """A model that knows which stage of the sequence it is at and which task, if any, is forced."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.stage, self.forced = -1, None
+
+
+class ScriptedMethod(Method):
+    """A routing method on `ScriptedModel`: begin_task sets the stage, forced sets the forced task."""
+
+    name = "scripted"
+    routes = True
+
+    def build(self, base_model, task_names):
+        return base_model
+
+    def begin_task(self, model, index, task_name, num_tasks):
+        model.stage = index
+        return model
+
+    @contextmanager
+    def forced(self, model, task_name):
+        model.forced = task_name
+        yield
+        model.forced = None
+
+
+class ScriptedHarness:
+    """Accuracy from a script keyed by (stage, task, forced task) (0 when absent); records every text that reaches the
+    loss and the candidates of every evaluation."""
+
+    def __init__(self, script: dict):
+        self.script = script
+        self.trained_texts: list[str] = []
+        self.candidates: dict[tuple, list[str]] = {}
+
+    def prepare(self, model, tasks):
+        self.prepared = [task.name for task in tasks]
+
+    def mixed_loss(self, model, pairs, label_space=None):
+        self.trained_texts += [example.text for _, example in pairs]
+        return (model.weight**2).sum()
+
+    def accuracy(self, model, task, candidates, recorder=None):
+        key = (model.stage, task.name, model.forced)
+        self.candidates[key] = list(candidates)
+        return self.script.get(key, 0.0)
+
+
+def scripted_task(name: str, labels: tuple[str, ...]) -> suites.Task:
+    examples = [suites.Example(f"{name} text {index}", labels[index % len(labels)]) for index in range(4)]
+    return suites.Task(name, train=examples, test=examples, labels=labels)
+
+
+def test_forced_learning_accuracy_and_unseen_gain_known_answers():
+    tasks = [scripted_task("a", ("a1", "a2")), scripted_task("b", ("b1", "b2"))]
+    held_out = [scripted_task("new_labels", ("n1", "n2")), scripted_task("new_format", ("f1", "a1"))]
+    script = {
+        # right after each task, router deciding (the diagonal) and with the task's own branch forced
+        (0, "a", None): 0.75, (0, "a", "a"): 1.0, (1, "b", None): 0.5, (1, "b", "b"): 0.75,
+        # held-out tasks before any training (the base model) and after the whole sequence
+        (-1, "new_labels", None): 0.25, (-1, "new_format", None): 0.5,
+        (1, "new_labels", None): 0.75, (1, "new_format", None): 0.375,
+    }  # fmt: skip
+    harness = ScriptedHarness(script)
+    args = ContinualArguments(steps=1, batch_size=2, progress=False)
+    result = train_sequence(ScriptedModel(), tasks, args, harness=harness, method=ScriptedMethod(), held_out=held_out)
+    assert result.learning_accuracy == pytest.approx((0.75 + 0.5) / 2)
+    assert result.forced_learning_per_task == [1.0, 0.75]
+    assert result.forced_learning_accuracy == pytest.approx((1.0 + 0.75) / 2)
+    assert result.unseen_base_accuracy == {"new_labels": 0.25, "new_format": 0.5}
+    assert result.unseen_accuracy == {"new_labels": 0.75, "new_format": 0.375}
+    assert result.unseen_gain == pytest.approx({"new_labels": 0.5, "new_format": -0.125})
+    # the forced entry is scored as the diagonal one is (same candidates); the router is released afterwards
+    assert harness.candidates[(1, "b", "b")] == harness.candidates[(1, "b", None)] == ["a1", "a2", "b1", "b2"]
+    # a held-out task is scored among every trained label and its own, before and after training alike
+    assert harness.candidates[(-1, "new_format", None)] == ["a1", "a2", "b1", "b2", "f1"]
+    assert harness.candidates[(1, "new_format", None)] == ["a1", "a2", "b1", "b2", "f1"]
+    assert harness.prepared == ["a", "b", "new_labels", "new_format"]
+
+
+def test_held_out_tasks_are_never_trained():
+    tasks = [scripted_task("a", ("a1", "a2")), scripted_task("b", ("b1", "b2"))]
+    held_out = [scripted_task("unseen", ("u1", "u2"))]
+    harness = ScriptedHarness({})
+    args = ContinualArguments(steps=3, batch_size=2, progress=False)
+    train_sequence(ScriptedModel(), tasks, args, harness=harness, method=ScriptedMethod(), held_out=held_out)
+    trained = set(harness.trained_texts)
+    assert trained == {example.text for task in tasks for example in task.train}
+    assert not trained & {example.text for example in held_out[0].train}
+    with pytest.raises(ValueError, match="also in the trained sequence"):
+        train_sequence(ScriptedModel(), tasks, args, harness=harness, method=ScriptedMethod(), held_out=tasks[:1])
+
+
 def test_causal_lm_harness_sequence():
     tasks = suites.generation_suite(seed=0, train_size=4, test_size=3, tasks=["add", "upper"])
     texts = [CausalLMHarness.prompt(e.text) + " " + e.target for t in tasks for e in t.train + t.test]
@@ -264,6 +392,51 @@ def test_classification_suite_is_deterministic_disjoint_and_label_sets_distinct(
         assert not {e.text for e in task.train} & {e.text for e in task.test}
         assert {e.target for e in task.train} == set(task.labels)
         assert len(task.train) == 8 * len(task.labels) and len(task.test) == 4 * len(task.labels)
+
+
+def test_held_out_tasks_have_no_training_data_and_new_labels():
+    trained = suites.classification_suite(seed=2, train_per_label=4, test_per_label=2)
+    held_out = {task.name: task for task in suites.classification_held_out(seed=2, test_per_label=3)}
+    assert held_out == {t.name: t for t in suites.classification_held_out(seed=2, test_per_label=3)}, "deterministic"
+    assert held_out["topic_new_labels"].metadata == {"held_out": "new labels", "format_of": "topic"}
+    assert held_out["animal"].metadata == {"held_out": "new format"}
+    trained_labels = {label for task in trained for label in task.labels}
+    for task in held_out.values():
+        assert task.train == [] and len(task.test) == 3 * len(task.labels)
+        assert {example.target for example in task.test} == set(task.labels)
+        assert not set(task.labels) & trained_labels
+    # the new-labels task keeps the topic task's templates: its texts open as the topic task's do
+    topic_opening = re.compile(r"^(news report from|\w+ daily:|headline:|breaking story in)")
+    assert all(topic_opening.match(e.text) for e in trained[0].test + held_out["topic_new_labels"].test)
+    assert not any(topic_opening.match(e.text) for e in held_out["animal"].test)
+    generation = {task.name: task for task in suites.generation_held_out(seed=2, test_size=6)}
+    assert set(generation) == {"last_letter", "larger"} and not set(generation) & set(suites.GENERATION_TASKS)
+    for example in generation["last_letter"].test:
+        assert example.target == example.text.split("'")[1][-1]
+    for example in generation["larger"].test:
+        numbers = [int(word.strip(",?")) for word in example.text.split() if word.strip(",?").isdigit()]
+        assert example.target == str(max(numbers)) and len(numbers) == 2
+
+
+def test_translation_suite_prompts_differ_in_the_language_word_only():
+    tasks = suites.translation_suite(seed=3, train_per_label=5, test_per_label=3)
+    assert [task.name for task in tasks] == list(suites.TRANSLATION_TASKS)
+    assert tasks[0].train == suites.translation_suite(seed=3, train_per_label=5, test_per_label=3)[0].train
+    labels = [label for task in tasks for label in task.labels]
+    assert len(labels) == len(set(labels)) == 3 * 8, "eight words per language, no label shared by two tasks"
+    for task in tasks:
+        language = task.name.removeprefix("to_")
+        assert not {e.text for e in task.train} & {e.text for e in task.test}
+        named = {name for example in task.train for name in ("french", "spanish", "german") if name in example.text}
+        assert named == {language}, "each prompt names its own language, and no other"
+    # changing the language word of a French prompt gives a Spanish prompt of the same word: same templates
+    spanish_texts = {example.text for example in suites.translation_suite(3, 60, 0, tasks=["to_spanish"])[0].train}
+    french = suites.translation_suite(3, 60, 0, tasks=["to_french"])[0].train
+    assert {example.text.replace("french", "spanish") for example in french} & spanish_texts
+    held_out = {task.name: task for task in suites.translation_held_out(seed=3, test_per_label=2)}
+    assert set(held_out) == {"to_italian", "animal"}
+    assert all("italian" in example.text for example in held_out["to_italian"].test)
+    assert not set(held_out["to_italian"].labels) & set(labels)
 
 
 # ---- Standard CL benchmark loader on local files in the Hub column layout ------------------------------------------
@@ -433,19 +606,28 @@ def test_benchmark_report_and_plots(tmp_path, classification):
     tasks, tokenizer = classification
     harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
     results = {"suite": "tiny", "machine": "test", "tasks": [t.name for t in tasks], "methods": {}}
+    results["held_out"] = [{"name": "animal", "kind": "new format", "format_of": None}]
     for name in ("sparta", "mtl_lora"):
         method = make_method(name, ["query"], r_shared=2, r_task=4)
-        result = train_sequence(lambda: tiny_encoder(len(tokenizer)), tasks, FAST, harness=harness, method=method)
+        result = train_sequence(
+            lambda: tiny_encoder(len(tokenizer)), tasks, FAST, harness=harness, method=method, held_out=HELD_OUT[1:]
+        )
         results["methods"][name] = result.to_dict()
     stem = tmp_path / "continual-tiny"
     bench.save(results, stem)
     saved = json.loads(stem.with_suffix(".json").read_text())
     for entry in saved["methods"].values():
         assert {"accuracy_matrix", "AA", "BWT", "FWT", "routing_accuracy", "trainable_params", "wall_s"} <= set(entry)
+        assert {"forced_learning_accuracy", "unseen_accuracy", "unseen_base_accuracy", "unseen_gain"} <= set(entry)
     table = stem.with_suffix(".md").read_text()
     assert "| sparta |" in table and "| mtl_lora |" in table
-    assert (tmp_path / "continual-tiny-accuracy.png").stat().st_size > 0
-    assert (tmp_path / "continual-tiny-routing.png").stat().st_size > 0
+    assert "| forced learning acc |" in table and "## Held-out tasks (never trained)" in table
+    sparta = saved["methods"]["sparta"]
+    base = sparta["unseen_base_accuracy"]["animal"]
+    assert f"| base model | {base:.3f} |" in table and "| animal (new format) |" in table
+    assert f"| sparta | {sparta['unseen_accuracy']['animal']:.3f} ({sparta['unseen_gain']['animal']:+.3f}) |" in table
+    for plot in ("accuracy", "routing", "learning", "held-out"):
+        assert (tmp_path / f"continual-tiny-{plot}.png").stat().st_size > 0
 
 
 def test_benchmark_override_parsing():
@@ -465,6 +647,26 @@ def result_row(accuracy: float) -> dict:
     }  # fmt: skip
 
 
+def test_benchmark_report_cells_known_values():
+    bench = load_benchmark_script()
+    row = {
+        **result_row(0.5), "forced_learning_accuracy": 0.75, "unseen_accuracy": {"new": 0.625},
+        "unseen_base_accuracy": {"new": 0.25}, "unseen_gain": {"new": 0.375},
+    }  # fmt: skip
+    results = {
+        "suite": "tiny",
+        "tasks": ["t"],
+        "methods": {"m": row},
+        "held_out": [{"name": "new", "kind": "new format"}],
+    }
+    report = bench.markdown_report(results)
+    tables = [line for line in report.splitlines() if line.startswith("| ")]
+    header, cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in tables[:2]]
+    assert dict(zip(header, cells))["learning acc"] == "0.500"
+    assert dict(zip(header, cells))["forced learning acc"] == "0.750"
+    assert tables[2:] == ["| method | new (new format) |", "| base model | 0.250 |", "| m | 0.625 (+0.375) |"]
+
+
 def write_old_results(stem: Path) -> dict:
     """A results file as written before rows kept their run: one header machine and settings for every row."""
     old = {
@@ -482,6 +684,7 @@ def test_benchmark_rows_keep_their_run_and_old_files_stay_readable(tmp_path):
     bench.save(old, tmp_path / "as-written")  # an old file as it is: report and plots
     assert "old machine" in (tmp_path / "as-written.md").read_text()
     assert (tmp_path / "as-written-accuracy.png").stat().st_size > 0
+    assert "Held-out" not in (tmp_path / "as-written.md").read_text(), "rows without held-out tasks get no such table"
 
     results = bench.load_results(stem)
     assert "machine" not in results and "settings" not in results, "no header claims to describe every row"
@@ -524,6 +727,11 @@ def test_benchmark_cli_on_minilm(tmp_path):
     saved = json.loads(stem.with_suffix(".json").read_text())
     assert saved["suite"] == "minilm" and saved["tasks"] == ["topic", "sentiment"]
     assert saved["methods"]["sparta"]["routing_accuracy"] is not None
+    held_out = [entry["name"] for entry in saved["held_out"]]
+    assert held_out == ["topic_new_labels", "animal"] and saved["held_out"][0]["format_of"] == "topic"
+    for row in ("sparta", "seq_lora"):
+        assert list(saved["methods"][row]["unseen_gain"]) == held_out
+        assert saved["methods"][row]["forced_learning_accuracy"] is not None
     # every row names its own run; the merged old row keeps the old header's machine and settings
     run = saved["methods"]["sparta"]["run"]
     assert run == saved["methods"]["seq_lora"]["run"] == saved["latest_run"]

@@ -13,6 +13,10 @@ the same data, steps and trainable rank. Baselines (r = r_shared + r_task, the r
   grows by r per task, so task t of T trains rank r * (T - t), at most half the layer).
 - ``mtl_lora``: one LoRA of rank r trained on all tasks at once (the multi-task upper bound).
 - ``sparta``: SpaRTA with the package defaults; ``sparta_<ablation>`` changes one thing, see `METHODS`.
+- ``sparta_paper``: the paper design of the authors' public code (``task_branches="shared"``, `PAPER_DESIGN`): a
+  low-rank (r_shared) and a high-rank (r_task) branch trained on every task, the component router, stochastic
+  restoration every 10 steps; ``sparta_paper_no_restore`` and ``sparta_paper_no_subspace`` (orth_lambda 0) are its
+  ablations. It has no per-task branches to route to, so no routing accuracy.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..routers import Router, Routing
 
 __all__ = [
     "METHODS",
+    "PAPER_DESIGN",
     "AllBranchesRouter",
     "LoRAMethod",
     "OLoRAMethod",
@@ -173,6 +178,10 @@ def _matching_linear_modules(model: nn.Module, target_modules) -> dict[str, nn.L
     return found
 
 
+#: The paper design's settings (see `SpaRTAConfig.paper_design`) at the benchmark's ranks and scales: restoration every
+#: 10 optimizer steps with the code's probability 1e-5.
+PAPER_DESIGN = {"task_branches": "shared", "router": "components", "shared_update": "train", "restore_every": 10}
+
 #: name -> (class, keyword overrides). SpaRTA ablations change one thing against "sparta"; ranks follow r_shared and
 #: r_task (the no-shared ablation gives its task branch the shared rank, so every method trains the same rank). The
 #: spectral router routes by 4 singular directions per task, the setting it was measured with.
@@ -192,6 +201,9 @@ METHODS: dict[str, tuple[type, dict]] = {
     "sparta_token_routing": (SpaRTAMethod, {"config": {"router_granularity": "token"}}),
     "sparta_train_shared": (SpaRTAMethod, {"config": {"shared_update": "train"}}),
     "sparta_one_prototype": (SpaRTAMethod, {"config": {"router_prototypes": 1}}),
+    "sparta_paper": (SpaRTAMethod, {"config": PAPER_DESIGN, "routes": False}),
+    "sparta_paper_no_restore": (SpaRTAMethod, {"config": {**PAPER_DESIGN, "restore_every": None}, "routes": False}),
+    "sparta_paper_no_subspace": (SpaRTAMethod, {"config": {**PAPER_DESIGN, "orth_lambda": 0.0}, "routes": False}),
 }
 
 

@@ -103,8 +103,20 @@ class GatedLowRankTorch:
         return dh, (dz * h) @ membership.T if h is not None else None
 
 
+def _runs(needed: Sequence[bool]) -> list[tuple[int, int]]:
+    """The maximal runs [start, stop) of consecutive True entries: blocks whose weight gradients one GEMM computes."""
+    runs, start = [], None
+    for index, flag in enumerate([*needed, False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
+
+
 class GatedLowRankFunction(torch.autograd.Function):
-    r"""Fused ``y = ((D(x) A^T) * (g P)) B^T`` over stacked blocks, with recomputation and frozen-block skipping.
+    r"""Fused ``y = ((D(x) A^T) * (g P)) B^T`` over stacked blocks, with frozen-block skipping.
 
     With x (N, in), blocks A_i (r_i, in), B_i (out, r_i), R = sum r_i, A = [A_1; ...; A_n] (R, in),
     B = [B_1, ..., B_n] (out, R), gates g (N, n) (all ones when None) and P (n, R) with P[i, c] = s_i on block i's
@@ -119,10 +131,13 @@ class GatedLowRankFunction(torch.autograd.Function):
         dh = dz * C                   dA_i = dh_i^T x_d
         dx = (dh A) * m / (1 - p)     dg_{t,i} = s_i * sum_{c in block i} dz_{t,c} h_{t,c}   ( = ((dz * h) P^T)_{t,i} )
 
-    Memory: forward saves x, the gates, the blocks (parameters, no copy) and the dropout mask (torch path, bool) or
-    only an integer seed (Triton path); h and z are recomputed in backward, and only when a B block or the gates need
-    a gradient. Work: dA_i / dB_i are computed only for blocks whose tensor requires grad (frozen task branches cost
-    nothing but their columns in the stacked GEMMs), dx only when x requires grad.
+    Memory: forward saves x, the gates, the blocks (parameters, no copy), the dropout mask (torch path, bool) or only
+    an integer seed (Triton path), and, unless ``recompute``, the (N, R) activation that dB and dg need: z, or h when
+    the gates need a gradient (z is then h * C again) -- the N x R elements LoRA keeps for its B. With ``recompute``
+    backward rebuilds h from x instead: one more GEMM, N x R elements less. Work: weight gradients only for blocks
+    whose tensor requires grad, one GEMM per run of adjacent such blocks (in training: the shared and the current
+    branch, one dB and one dA GEMM as LoRA's); frozen task branches cost nothing but their columns in the stacked
+    GEMMs; dx only when x requires grad.
 
     Dropout in backward: the torch path runs ``torch.native_dropout`` (the kernel ``F.dropout`` itself uses, so the
     mask equals the reference's under the same RNG state) and keeps its bool mask; the Triton path draws a seed from
@@ -135,13 +150,16 @@ class GatedLowRankFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gates, scales, dropout_p, impl, *weights):
+    def forward(ctx, x, gates, scales, dropout_p, impl, recompute, *weights):
         n = len(scales)
         ranks = tuple(a.shape[0] for a in weights[:n])
         x_dropped, mask, seed = impl.dropout_forward(x, dropout_p) if dropout_p > 0 else (x, None, None)
         h = F.linear(x_dropped, _stack(weights[:n], dim=0))
         z = impl.gate_scale_forward(h, gates, ranks, scales)
-        ctx.save_for_backward(x, gates, mask, *weights)
+        need_gates = ctx.needs_input_grad[1]
+        needed = need_gates or any(ctx.needs_input_grad[6 + n :])
+        kept = (h if need_gates else z) if needed and not recompute else None
+        ctx.save_for_backward(x, gates, mask, kept, *weights)
         ctx.ranks, ctx.scales, ctx.dropout_p, ctx.impl, ctx.seed = ranks, scales, dropout_p, impl, seed
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -149,40 +167,47 @@ class GatedLowRankFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # recompute under the forward's autocast state, so the recomputed activations match dy's dtype
+        # run under the forward's autocast state, so that recomputed activations match dy's dtype
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
             return GatedLowRankFunction._backward(ctx, dy)
 
     @staticmethod
     def _backward(ctx, dy):
-        x, gates, mask, *weights = ctx.saved_tensors
+        x, gates, mask, kept, *weights = ctx.saved_tensors
         ranks, scales, impl, p = ctx.ranks, ctx.scales, ctx.impl, ctx.dropout_p
         n = len(ranks)
         need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_a, need_b = ctx.needs_input_grad[5 : 5 + n], ctx.needs_input_grad[5 + n :]
+        need_a, need_b = ctx.needs_input_grad[6 : 6 + n], ctx.needs_input_grad[6 + n :]
         starts = [sum(ranks[:i]) for i in range(n + 1)]
         a_grads, b_grads, dx, dgates = [None] * n, [None] * n, None, None
 
         def replay_dropout(tensor):
             return tensor if p == 0 else impl.dropout_replay(tensor, p, mask, ctx.seed)
 
-        x_dropped = replay_dropout(x) if any(need_a + need_b) or need_gates else None
-        h = F.linear(x_dropped, _stack(weights[:n], dim=0)) if any(need_b) or need_gates else None
+        rebuild = kept is None and (any(need_b) or need_gates)
+        x_dropped = replay_dropout(x) if any(need_a) or rebuild else None
+        h = z = None
+        if rebuild:
+            h = F.linear(x_dropped, _stack(weights[:n], dim=0))
+        elif need_gates:
+            h = kept
+        elif any(need_b):
+            z = kept
         if any(need_b):
-            z = impl.gate_scale_forward(h, gates, ranks, scales)
-            for i in range(n):
-                if need_b[i]:
-                    b_grads[i] = dy.T @ z[:, starts[i] : starts[i + 1]]
+            z = impl.gate_scale_forward(h, gates, ranks, scales) if z is None else z
+            for first, stop in _runs(need_b):
+                grads = dy.T @ z[:, starts[first] : starts[stop]]
+                b_grads[first:stop] = grads.split(ranks[first:stop], dim=1)
         if need_x or any(need_a) or need_gates:
             dz = dy @ _stack(weights[n:], dim=1)
             dh, dgates = impl.gate_scale_backward(dz, h if need_gates else None, gates, ranks, scales)
-            for i in range(n):
-                if need_a[i]:
-                    a_grads[i] = dh[:, starts[i] : starts[i + 1]].T @ x_dropped
+            for first, stop in _runs(need_a):
+                grads = dh[:, starts[first] : starts[stop]].T @ x_dropped
+                a_grads[first:stop] = grads.split(ranks[first:stop], dim=0)
             if need_x:
                 dx = replay_dropout(dh @ _stack(weights[:n], dim=0))
-        return dx, dgates, None, None, None, *a_grads, *b_grads
+        return dx, dgates, None, None, None, None, *a_grads, *b_grads
 
 
 def _open_blocks(gates: torch.Tensor | None, n_blocks: int) -> list[int] | None:
@@ -206,6 +231,7 @@ def gated_lowrank(
     dropout_p: float = 0.0,
     training: bool = False,
     backend: str | None = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """``sum_i scales[i] * gates[..., i] * B_i A_i dropout(x)``, computed by the chosen backend.
 
@@ -218,6 +244,9 @@ def gated_lowrank(
     backend: "eager" (the reference), "torch" (fused Function, torch ops), "triton" (fused Function, Triton kernels),
     or None / "auto": the env var SPARTA_KERNEL_BACKEND if set, else "triton" for CUDA tensors when Triton is
     installed and passes its first-use check (guard.py), else "torch". The fused backends cast the gates to x's dtype.
+
+    recompute: the fused backends save the (N, sum r_i) down-projection for backward (what LoRA keeps) unless True,
+    when backward recomputes it from x (one more GEMM; see `GatedLowRankFunction`). The eager backend ignores it.
     """
     n_blocks = len(a_blocks)
     if len(b_blocks) != n_blocks or len(scales) != n_blocks:
@@ -243,5 +272,5 @@ def gated_lowrank(
         from . import gated_lowrank_triton as impl
     else:
         impl = GatedLowRankTorch
-    out = GatedLowRankFunction.apply(flat_x, flat_gates, scales, p, impl, *a_blocks, *b_blocks)
+    out = GatedLowRankFunction.apply(flat_x, flat_gates, scales, p, impl, bool(recompute), *a_blocks, *b_blocks)
     return out.reshape(*lead, out.shape[-1])

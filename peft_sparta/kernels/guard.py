@@ -106,7 +106,7 @@ def _check_gated(impl, device, dtype, tolerance, gated: bool) -> str | None:
     names += ["dgates"] if gated else []
     results = []
     for namespace in (impl, GatedLowRankTorch):
-        out = GatedLowRankFunction.apply(x, gates, (2.0, 0.5), 0.0, namespace, *a_blocks, *b_blocks)
+        out = GatedLowRankFunction.apply(x, gates, (2.0, 0.5), 0.0, namespace, False, *a_blocks, *b_blocks)
         results.append([out, *torch.autograd.grad(out, inputs, cotangent.to(out.dtype))])
     return _compare(names, *results, tolerance)
 

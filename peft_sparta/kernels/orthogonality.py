@@ -58,13 +58,21 @@ class OrthogonalityTorch:
         return (dloss.float() * (grad @ other.float())).to(other.dtype)
 
 
+def _stack(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    return (torch.cat(list(blocks)) if len(blocks) > 1 else blocks[0]).contiguous()
+
+
 class OrthogonalityPenaltyFunction(torch.autograd.Function):
     r"""L = sum_{i,j} f(O_ij) with O = left [right_1; ...; right_n]^T; f(o) = o^2 ("fro") or |o| ("l1").
 
     Chain rule: G = dL/dO = 2 O (fro) or sign(O) (l1, sign(0) = 0 as torch's abs), so d left = dL * G right and
-    d right = dL * G^T left, split into the blocks. Saved: left, the right blocks themselves (parameters, no copy) and
-    G (M x N, fp32, tiny next to the operands, stored only when an input needs a gradient); the stacked right is
-    rebuilt in backward and freed at once. Gradients are computed only for blocks that require them.
+    d right = dL * G^T left, split into the blocks. Nothing is saved but references to the inputs: backward recomputes
+    O (the forward's GEMM, M x N x in) instead of keeping G, so that the penalty adds no activation memory however
+    many frozen branches it reads. Right blocks that need no gradient are held on ctx rather than saved: they are
+    parameters or a layer's cached stack of frozen branches, alive anyway, which saved-tensor hooks (offloading,
+    activation counts) should not handle as this step's activations. Several right blocks are stacked for each GEMM
+    and the stack freed at once; a single block (such a cached stack) is used as it is. Gradients are computed only
+    for the inputs that require them.
 
     ``impl`` is the namespace of the two GEMM steps, `OrthogonalityTorch` or the orthogonality_triton module, chosen by
     `orthogonality_penalty`; it is not a tensor and gets no gradient.
@@ -72,24 +80,25 @@ class OrthogonalityPenaltyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, left, impl, l1, *right_blocks):
-        right = torch.cat(right_blocks).contiguous()
-        store_grad = any(ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:])
-        loss, grad = impl.orthogonality_forward(left.contiguous(), right, l1, store_grad)
-        ctx.impl = impl
-        ctx.save_for_backward(left, grad, *right_blocks)
+        need_blocks = ctx.needs_input_grad[3:]
+        loss, _ = impl.orthogonality_forward(left.contiguous(), _stack(right_blocks), l1, False)
+        ctx.impl, ctx.l1 = impl, l1
+        ctx.constants = [None if needed else block for block, needed in zip(right_blocks, need_blocks)]
+        ctx.save_for_backward(left, *[block if needed else None for block, needed in zip(right_blocks, need_blocks)])
         return loss.to(left.dtype)
 
     @staticmethod
     def backward(ctx, dloss):
-        left, grad, *right_blocks = ctx.saved_tensors
+        left, *trainable = ctx.saved_tensors
+        blocks = [block if block is not None else constant for block, constant in zip(trainable, ctx.constants)]
+        left, right = left.contiguous(), _stack(blocks)
+        _, grad = ctx.impl.orthogonality_forward(left, right, ctx.l1, True)
         block_grads = ctx.needs_input_grad[3:]
-        d_left = None
-        if ctx.needs_input_grad[0]:
-            d_left = ctx.impl.orthogonality_backward(grad, torch.cat(right_blocks).contiguous(), dloss)
-        d_blocks = [None] * len(right_blocks)
+        d_left = ctx.impl.orthogonality_backward(grad, right, dloss) if ctx.needs_input_grad[0] else None
+        d_blocks = [None] * len(blocks)
         if any(block_grads):
-            d_right = ctx.impl.orthogonality_backward(grad.T, left.contiguous(), dloss)
-            sizes = [block.shape[0] for block in right_blocks]
+            d_right = ctx.impl.orthogonality_backward(grad.T, left, dloss)
+            sizes = [block.shape[0] for block in blocks]
             d_blocks = [d if needed else None for d, needed in zip(d_right.split(sizes), block_grads)]
         return d_left, None, None, *d_blocks
 

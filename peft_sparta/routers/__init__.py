@@ -8,6 +8,7 @@ and add it to `ROUTERS` under the name `SpaRTAConfig.router` takes.
 from __future__ import annotations
 
 from .base import Branches, Router, Routing, gates_from_scores, is_recomputation
+from .components import ComponentRouter
 from .context import IGNORE_INDEX, RoutingContext, prompt_mask
 from .learned import LearnedRouter
 from .prototype import PrototypeRouter
@@ -16,6 +17,7 @@ from .spectral import SpectralRouter
 
 
 ROUTERS: dict[str, type[Router]] = {
+    "components": ComponentRouter,
     "learned": LearnedRouter,
     "prototype": PrototypeRouter,
     "spectral": SpectralRouter,
@@ -34,6 +36,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ROUTERS",
     "Branches",
+    "ComponentRouter",
     "LearnedRouter",
     "PrototypeRouter",
     "Router",

@@ -18,12 +18,14 @@ Branches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Routing(NamedTuple):
-    """What a router decided for one layer input: the task branches to compute, their gates (None: gate 1 each) and,
-    in training, the router's own loss (learned router) to add to the regularizers."""
+    """What a router decided for one layer input: the task branches to compute, their gates (None: gate 1 each), in
+    training the router's own loss (learned and component routers) to add to the regularizers, and the gate of the
+    shared branch (None: 1; the component router weighs it too)."""
 
     tasks: list[int]
     gates: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
+    shared_gate: Optional[torch.Tensor] = None
 
 
 class Router(nn.Module):

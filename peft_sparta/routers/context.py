@@ -15,6 +15,9 @@ from ..utils import masked_mean
 #: Attribute of a KV cache that holds the sequence query decided at its prefill, which its decode steps reuse.
 CACHED_QUERY = "_sparta_sequence_query"
 
+#: Attribute of a KV cache that holds the component routers' per-sequence sums over the tokens it holds.
+CACHED_SUMS = "_sparta_sequence_sums"
+
 #: Label of the positions that carry no target (PyTorch's cross-entropy default, used by transformers and TRL).
 IGNORE_INDEX = -100
 
@@ -26,18 +29,28 @@ class RoutingContext:
 
     sequence_query: (batch, dim) masked mean of the input embeddings, for sequence routing.
     token_mask: (batch, seq) bool, positions whose queries build the router state in training (the prompt part).
+    valid_mask: (batch, seq) bool, the positions the attention mask keeps (all when none is given).
+    sequence_sums: per component router, its per-sequence sums (batch, 2) over this forward's tokens and the cached
+        ones before them, kept with the KV cache for the next decode step (see `ComponentRouter`).
+    cached_sums: the same sums read from the KV cache that a decode step continues.
     regularization: the weighted regularizers of this forward, summed over layers (detached, for logging).
     penalty_scale: weight of the regularizers' gradient in each backward (see `peft_sparta.regularizers`).
     """
 
     sequence_query: Optional[torch.Tensor] = None
     token_mask: Optional[torch.Tensor] = None
+    valid_mask: Optional[torch.Tensor] = None
+    sequence_sums: dict = field(default_factory=dict)
+    cached_sums: dict = field(default_factory=dict)
     regularization: dict[str, torch.Tensor] = field(default_factory=dict)
     penalty_scale: float = 1.0
 
     def clear(self) -> None:
         self.sequence_query = None
         self.token_mask = None
+        self.valid_mask = None
+        self.sequence_sums = {}
+        self.cached_sums = {}
         self.regularization = {}
 
     def report(self, values: dict[str, torch.Tensor]) -> None:
@@ -51,7 +64,8 @@ class RoutingContext:
 
         A generation decode step keeps the sequence query decided from its own prompt at prefill, read from the KV
         cache it continues (so interleaved conversations, each with its cache, keep their own routing); a decode step
-        whose cache holds no query is routed from its new tokens.
+        whose cache holds no query is routed from its new tokens. It also reads the component routers' sums over the
+        cached tokens, to which it adds its own.
         """
         self.regularization = {}
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -61,7 +75,9 @@ class RoutingContext:
             self.clear()
             return
         batch, length = tokens.shape[:2]
+        self.sequence_sums, self.cached_sums, self.valid_mask = {}, {}, None
         if extends_cached_sequence(kwargs, length):
+            self.cached_sums = dict(getattr(kv_cache(kwargs), CACHED_SUMS, {}))
             cached = getattr(kv_cache(kwargs), CACHED_QUERY, None)
             if cached is not None and cached.shape[0] == batch:
                 self.sequence_query, self.token_mask = cached, None
@@ -70,6 +86,7 @@ class RoutingContext:
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
             valid = attention_mask.bool()
+        self.valid_mask = valid
         self.token_mask = prompt_mask(valid, kwargs.get("labels"))
         self.sequence_query = None
         if sequence:

@@ -105,23 +105,31 @@ def test_frozen_blocks_and_input_get_no_gradient(backend):
 
 
 def test_frozen_blocks_cost_no_weight_gradient_work(monkeypatch):
-    """Backward runs the same GEMMs with 0 or 4 frozen task blocks beside the two trainable ones."""
-    calls = []
+    """Backward computes weight gradients for the trainable blocks only, one GEMM per run of adjacent ones: dz = dy B,
+    then one dB and one dA over the shared and the current block when they are adjacent (the training step), one per
+    block when 4 frozen blocks sit between them; no product covers a frozen block's columns."""
+    shapes = []
     real_matmul = torch.Tensor.__matmul__
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or real_matmul(a, b))
-    counts = []
+
+    def matmul(a, b):
+        shapes.append(tuple(real_matmul(a, b).shape))
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
     for n_tasks in (1, 5):
         x, a_blocks, b_blocks, scales, _, cotangent = make_case(n_tasks, 7, "none")
         x.requires_grad_(False)
         for block in a_blocks[1:-1] + b_blocks[1:-1]:
             block.requires_grad_(False)
         out = gated_lowrank(x, a_blocks, b_blocks, scales, None, backend="torch")
-        calls.clear()
+        shapes.clear()
         (out * cotangent).sum().backward()
-        counts.append(len(calls))
         assert all(block.grad is None for block in a_blocks[1:-1] + b_blocks[1:-1])
-    # dz = dy B, then dB_i = dy^T z_i and dA_i = dh_i^T x_d for the shared and the current block only.
-    assert counts == [5, 5]
+        rank = sum(a.shape[0] for a in a_blocks)
+        trainable = [a_blocks[0].shape[0], a_blocks[-1].shape[0]]
+        shapes.remove((6, rank))  # dz
+        runs = [sum(trainable)] if n_tasks == 1 else trainable
+        assert sorted(shapes) == sorted([(OUT_FEATURES, r) for r in runs] + [(r, 7) for r in runs])
 
 
 @pytest.mark.parametrize(
@@ -149,7 +157,7 @@ def test_zero_gate_blocks_are_skipped(backend, monkeypatch):
         torch.testing.assert_close(a_blocks[block].grad, expected[1][1 + block], **TOLERANCES[torch.float32])
     if backend != "eager":
         (args,) = seen
-        assert len(args) == 5 + 2 * 4 and args[1].shape == (6, 4)
+        assert len(args) == 6 + 2 * 4 and args[1].shape == (6, 4)
 
 
 def test_training_step_cost_does_not_grow_with_tasks(monkeypatch):
@@ -164,7 +172,7 @@ def test_training_step_cost_does_not_grow_with_tasks(monkeypatch):
         gates = torch.zeros(2, 3, n_tasks + 1)
         gates[..., 0] = gates[..., -1] = 1
         run(gated_lowrank, x, a_blocks, b_blocks, scales, gates, cotangent, backend="torch")
-    assert widths == [5 + 4, 5 + 4]
+    assert widths == [6 + 4, 6 + 4]
 
 
 def test_all_gates_zero_gives_zeros():
@@ -186,13 +194,15 @@ def test_zero_gate_with_gate_gradient_is_kept(backend):
     assert actual[1][-1][..., 1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("gate_mode", ["token", "none"])
-def test_bf16_autocast_matches_reference(gate_mode):
-    """Forward under bf16 autocast, backward outside it (as trainers do): backward must recompute in bf16 too."""
+def test_bf16_autocast_matches_reference(gate_mode, recompute):
+    """Forward under bf16 autocast, backward outside it (as trainers do): backward must compute in bf16 too, from the
+    saved bf16 activation or one it recomputes."""
     x, a_blocks, b_blocks, scales, gates, cotangent = make_case(2, 31, gate_mode)
     leaves = [x, *a_blocks, *b_blocks] + ([gates] if gates is not None else [])
     results = []
-    for fn, kwargs in [(gated_lowrank_reference, {}), (gated_lowrank, {"backend": "torch"})]:
+    for fn, kwargs in [(gated_lowrank_reference, {}), (gated_lowrank, {"backend": "torch", "recompute": recompute})]:
         for leaf in leaves:
             leaf.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -251,17 +261,67 @@ def test_triton_dropout_rate(triton_interpret):
     assert not torch.equal(out, gate_scale.dropout(torch.ones(64, 128), 0.25, 1235))
 
 
-def test_activation_checkpointing_with_dropout(backend):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_activation_checkpointing_with_dropout(backend, recompute):
     """checkpoint() replays the forward with the saved RNG state: the same mask, the same gradients."""
     case = make_case(2, 7, "sequence")
     torch.manual_seed(3)
-    expected = run(gated_lowrank, *case, dropout_p=0.3, training=True, backend=backend)
+    expected = run(gated_lowrank, *case, dropout_p=0.3, training=True, backend=backend, recompute=recompute)
 
     def checkpointed(x, a_blocks, b_blocks, scales, gates, **kwargs):
         return checkpoint(gated_lowrank, x, a_blocks, b_blocks, scales, gates, use_reentrant=False, **kwargs)
 
     torch.manual_seed(3)
-    assert_matches(run(checkpointed, *case, dropout_p=0.3, training=True, backend=backend), expected)
+    actual = run(checkpointed, *case, dropout_p=0.3, training=True, backend=backend, recompute=recompute)
+    assert_matches(actual, expected)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("gate_mode", ["token", "sequence", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_and_recomputed_activations_agree(backend, dtype, gate_mode, dropout_p):
+    """Keeping the down-projection for backward or recomputing it from x (``recompute``) gives the same output and
+    the same gradients, bit for bit: the same ops on the same operands, with the same dropout mask."""
+    if not dtype_supported(dtype):
+        pytest.skip(f"{dtype} matmul/autograd not supported on this CPU build")
+    case = make_case(3, 31, gate_mode, dtype=dtype)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(11)
+        results.append(
+            run(gated_lowrank, *case, dropout_p=dropout_p, training=True, backend=backend, recompute=recompute)
+        )
+    (saved_out, saved_grads), (recomputed_out, recomputed_grads) = results
+    assert torch.equal(saved_out, recomputed_out)
+    for index, (saved, recomputed) in enumerate(zip(saved_grads, recomputed_grads)):
+        assert torch.equal(saved, recomputed), f"input {index}"
+    if dropout_p == 0:
+        assert_matches(results[0], run(gated_lowrank_reference, *case), dtype)
+
+
+@pytest.mark.parametrize("gate_mode", ["token", "none"])
+def test_saved_activation_costs_what_lora_keeps(gate_mode):
+    """Beyond its inputs the Function keeps one (N, R) activation (R = sum of the ranks, what LoRA keeps for its B),
+    or none when it recomputes it; with frozen B blocks and gates needing no gradient it keeps none either way."""
+    x, a_blocks, b_blocks, scales, gates, cotangent = make_case(3, 31, gate_mode)
+    rows, rank = x.shape[:-1].numel(), sum(a.shape[0] for a in a_blocks)
+
+    def kept(**kwargs):
+        inputs = {t.untyped_storage().data_ptr() for t in (x, *a_blocks, *b_blocks)}
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = gated_lowrank(x, a_blocks, b_blocks, scales, gates, backend="torch", **kwargs)
+        out.backward(cotangent)
+        # (N, R) tensors other than the inputs; the flattened gates (N, n) are a copy of an input
+        return [t.shape for t in saved if t.untyped_storage().data_ptr() not in inputs and t.shape[-1] == rank]
+
+    assert kept() == [(rows, rank)]
+    assert kept(recompute=True) == []
+    for block in b_blocks:
+        block.requires_grad_(False)
+    if gates is not None:
+        gates.requires_grad_(False)
+    assert kept() == []
 
 
 @pytest.mark.parametrize("gate_mode", ["token", "none"])

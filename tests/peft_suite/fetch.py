@@ -7,6 +7,7 @@ a cache folder, and patches the row lists to append the rows of sparta_rows.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -18,7 +19,10 @@ import peft
 
 
 SUITE_FILES = ("test_custom_models.py", "testing_common.py", "testing_utils.py")
-ROW_IMPORT = "from .sparta_rows import SPARTA_MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES, SPARTA_TEST_CASES\n"
+ROW_IMPORT = (
+    "from .sparta_rows import SPARTA_MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES, SPARTA_TEST_CASES, skip_merging_for\n"
+    "_skip_if_merging_not_supported = skip_merging_for(_skip_if_merging_not_supported)\n"
+)
 # (anchor line start, code inserted before the first line that starts with it)
 PATCHES = (
     ("ALL_PEFT_CONFIG_CLASSES = ", "TEST_CASES += SPARTA_TEST_CASES\n"),
@@ -38,7 +42,8 @@ def cache_root() -> Path:
 
 def suite_dir() -> Path:
     """Folder holding the patched suite as package ``tests`` (with a stubs folder for missing optional imports)."""
-    root = cache_root() / f"peft-{peft.__version__}-custom-models"
+    digest = hashlib.sha256(repr((ROW_IMPORT, PATCHES)).encode()).hexdigest()[:8]  # patches changed: extract again
+    root = cache_root() / f"peft-{peft.__version__}-custom-models-{digest}"
     package = root / "tests"
     if not (package / "test_custom_models.py").exists():
         _extract(package)
