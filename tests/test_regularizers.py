@@ -130,3 +130,17 @@ def test_eager_backend_reads_the_blocks_themselves():
     layer = first_layer(sparta(3, kernel_backend="eager"))
     assert_penalty_is_the_definition(layer)
     assert frozen_stack(layer) is None
+
+
+def test_eval_mode_drops_the_stack():
+    """Only the training penalty reads the stack: eval mode frees its copy, the next training step rebuilds it."""
+    model = sparta(3)
+    layer = first_layer(model)
+    layer.orthogonality_loss("default")
+    model.train()
+    assert frozen_stack(layer) is not None
+    model.eval()
+    assert frozen_stack(layer) is None
+    model.train()
+    assert_penalty_is_the_definition(layer)
+    assert frozen_stack(layer) is not None
