@@ -108,9 +108,9 @@ class LayerRegularizers:
         block is another tensor, has other storage or was modified in place (its identity, data pointer and version
         counter are compared): `add_task` and `remove_task` change the blocks, loading a state dict copies into them
         (a new version) or assigns new ones, and moving the layer (`.to()`, which may reuse freed storage) clears the
-        stack. It is a copy, not views of the blocks, so that FSDP or ZeRO-3 freeing or resizing parameter storage
-        between forwards cannot change it under the penalty; it costs one more copy of the frozen down-projections
-        (sum of their rows x in_features elements per layer) while it is held.
+        stack, as eval mode does. It is a copy, not views of the blocks, so that FSDP or ZeRO-3 freeing or resizing
+        parameter storage between forwards cannot change it under the penalty; it costs one more copy of the frozen
+        down-projections (sum of their rows x in_features elements per layer) while it is held.
         """
         key = [(block, block.data_ptr(), block._version) for block in blocks]
         cached = self.sparta_frozen_stack.get(adapter_name)
