@@ -28,8 +28,13 @@ def guard_optimizers_of(tuner) -> None:
         _HOOK.append(register_optimizer_step_pre_hook(_before_step))
 
 
+def held_parameter_ids(optimizer) -> set[int]:
+    """The ids of the parameters an optimizer updates."""
+    return {id(param) for group in optimizer.param_groups for param in group["params"]}
+
+
 def _before_step(optimizer, args, kwargs) -> None:
-    held = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    held = held_parameter_ids(optimizer)
     for tuner in list(_TUNERS):
         adapter_params = [(name, param) for name, param in tuner.model.named_parameters() if tuner.prefix in name]
         if not any(id(param) in held for _, param in adapter_params):

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .optimizer_guard import held_parameter_ids
+
 
 #: Tuners whose restore points count optimizer steps.
 _TUNERS: weakref.WeakSet = weakref.WeakSet()
@@ -100,7 +102,7 @@ def count_optimizer_steps_of(tuner) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
-    held = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    held = held_parameter_ids(optimizer)
     for tuner in list(_TUNERS):
         tuner._count_optimizer_step(held)
 

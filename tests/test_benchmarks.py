@@ -14,13 +14,18 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture
-def bench_layers(monkeypatch):
+def _load_script(monkeypatch, name: str):
+    """benchmarks/<name>.py as a module; ``common`` is dropped from sys.modules by the fixture that loaded it."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their sibling `common`
-    spec = importlib.util.spec_from_file_location("bench_layers", BENCHMARKS / "bench_layers.py")
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    yield module
+    return module
+
+
+@pytest.fixture
+def bench_layers(monkeypatch):
+    yield _load_script(monkeypatch, "bench_layers")
     sys.modules.pop("common", None)
 
 
@@ -46,11 +51,7 @@ def test_bench_layers_output_records_results_table_and_run(bench_layers, tmp_pat
 
 @pytest.fixture
 def bench_task_scaling(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_task_scaling", BENCHMARKS / "bench_task_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
+    yield _load_script(monkeypatch, "bench_task_scaling")
     sys.modules.pop("common", None)
 
 
