@@ -15,7 +15,7 @@ from .config import SpaRTAConfig
 from .initialization import init_branch, scaling
 from .kernels import gated_lowrank
 from .regularizers import LayerRegularizers
-from .routers import Branches, Router, Routing, RoutingContext, make_router
+from .routers import Branches, Router, Routing, RoutingContext, TaskBranches, make_router
 
 
 class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
@@ -205,7 +205,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
 
     def branches(self, adapter_name: str) -> Branches:
         """The task branches (A_k, B_k) of the adapter, in task order."""
-        return list(zip(self.sparta_A_task[adapter_name], self.sparta_B_task[adapter_name]))
+        return TaskBranches(self.sparta_A_task[adapter_name], self.sparta_B_task[adapter_name])
 
     def router(self, adapter_name: str) -> Router:
         return self.sparta_router[adapter_name]

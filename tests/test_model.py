@@ -8,6 +8,7 @@ from peft import get_peft_model
 from torch.nn import functional as F
 
 from peft_sparta import SpaRTAConfig, SpaRTALayer
+from peft_sparta.routers import PrototypeRouter, Router
 from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -205,6 +206,29 @@ def test_router_picks_the_task_of_the_input_without_task_id(granularity, router)
         # one linear key per task separates single random tokens less cleanly than prototypes or sequence queries
         assert (chosen == expected).float().mean() >= (0.8 if (router, granularity) == ("learned", "token") else 0.9)
     hook.remove()
+
+
+def test_sequence_routing_scores_each_input_once_per_forward_and_gives_each_layer_the_same_gates(monkeypatch):
+    task_a, task_b = _two_task_inputs()
+    model = sparta(tiny_llama(), task_names=["a"])
+    train_steps(model, task_a, steps=2)
+    for name, batch in [("b", task_b), ("c", task_a + 1)]:
+        model.add_task(name)
+        train_steps(model, batch, steps=2)
+    mixed = torch.cat([task_a[:2], task_b[:2]])
+    calls = []
+    scores = PrototypeRouter.scores
+    monkeypatch.setattr(PrototypeRouter, "scores", lambda self, *args: calls.append(1) or scores(self, *args))
+    routed_once = logits(model, mixed)
+    assert len(calls) == 1, "every adapted layer shares the adapter's sequence routing"
+
+    def decide_per_layer(self, x, context, branches):
+        return self.gates(self.scores(self.queries(x, context), branches))
+
+    monkeypatch.setattr(Router, "decide", decide_per_layer)
+    routed_per_layer = logits(model, mixed)
+    assert len(calls) == 1 + len(sparta_layers(model))
+    torch.testing.assert_close(routed_once, routed_per_layer, rtol=0, atol=0)
 
 
 def _prompt_answer_batch(prompt_tokens: tuple[int, int], answer_tokens: tuple[int, int], seed: int):

@@ -7,7 +7,7 @@ and add it to `ROUTERS` under the name `SpaRTAConfig.router` takes.
 
 from __future__ import annotations
 
-from .base import Branches, Router, Routing, gates_from_scores, is_recomputation
+from .base import Branches, Router, Routing, TaskBranches, gates_from_scores, is_recomputation
 from .components import ComponentRouter
 from .context import IGNORE_INDEX, RoutingContext, prompt_mask
 from .learned import LearnedRouter
@@ -44,6 +44,7 @@ __all__ = [
     "RoutingContext",
     "SharedRouter",
     "SpectralRouter",
+    "TaskBranches",
     "gates_from_scores",
     "is_recomputation",
     "make_router",

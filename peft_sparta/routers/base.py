@@ -17,6 +17,22 @@ from .context import RoutingContext
 Branches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
+class TaskBranches(Sequence):
+    """The (A_k, B_k) pairs of two parameter lists, read on access: routers that only count the tasks (the prototype
+    and learned routers) then cost the same per forward at any number of tasks."""
+
+    def __init__(self, down: nn.ParameterList, up: nn.ParameterList) -> None:
+        self.down, self.up = down, up
+
+    def __len__(self) -> int:
+        return len(self.down)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[position] for position in range(len(self))[index]]
+        return self.down[index], self.up[index]
+
+
 class Routing(NamedTuple):
     """What a router decided for one layer input: the task branches to compute, their gates (None: gate 1 each), in
     training the router's own loss (learned and component routers) to add to the regularizers, and the gate of the
@@ -117,10 +133,28 @@ class Router(nn.Module):
         return Routing(used, gates[..., used])
 
     def decide(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> torch.Tensor:
-        """The gates (..., tasks) the router gives ``x`` at inference, with no side effect."""
+        """The gates (..., tasks) the router gives ``x`` at inference, with no side effect.
+
+        Under sequence routing at inference every layer that shares this router's state gets the same gates in one
+        forward, so the first layer's are kept in the context for the others (scored once per forward, not once
+        per layer)."""
         if self._is_constant(len(branches)):
             return torch.ones(*x.shape[:-1], 1, device=x.device)
-        return self.gates(self.scores(self.queries(x, context), branches))
+        if self.granularity != "sequence" or self.training or context is None:
+            return self.gates(self.scores(self.queries(x, context), branches))
+        config = self.config
+        key = (id(self.state_owner), len(branches), config.router_temperature, config.top_k,
+               config.router_abstain_threshold)  # fmt: skip
+        gates = context.sequence_gates.get(key)
+        if gates is None:
+            gates = self.gates(self.scores(self.queries(x, context), branches))
+            context.sequence_gates[key] = gates
+        return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), gates.shape[-1])
+
+    @property
+    def state_owner(self) -> Router:
+        """The router that holds this router's state (itself, or the owner a `SharedRouter` reads)."""
+        return self
 
     def _is_constant(self, tasks: int) -> bool:
         """A single task without an abstain threshold: every input goes to it with gate 1."""

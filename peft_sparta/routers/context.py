@@ -33,6 +33,8 @@ class RoutingContext:
     sequence_sums: per component router, its per-sequence sums (batch, 2) over this forward's tokens and the cached
         ones before them, kept with the KV cache for the next decode step (see `ComponentRouter`).
     cached_sums: the same sums read from the KV cache that a decode step continues.
+    sequence_gates: per router state and settings, the inference gates of this forward under sequence routing,
+        computed by the first layer that routes and read by the others (see `Router.decide`).
     regularization: the weighted regularizers of this forward, summed over layers (detached, for logging).
     penalty_scale: weight of the regularizers' gradient in each backward (see `peft_sparta.regularizers`).
     """
@@ -42,6 +44,7 @@ class RoutingContext:
     valid_mask: Optional[torch.Tensor] = None
     sequence_sums: dict = field(default_factory=dict)
     cached_sums: dict = field(default_factory=dict)
+    sequence_gates: dict = field(default_factory=dict)
     regularization: dict[str, torch.Tensor] = field(default_factory=dict)
     penalty_scale: float = 1.0
 
@@ -51,6 +54,7 @@ class RoutingContext:
         self.valid_mask = None
         self.sequence_sums = {}
         self.cached_sums = {}
+        self.sequence_gates = {}
         self.regularization = {}
 
     def report(self, values: dict[str, torch.Tensor]) -> None:
@@ -67,7 +71,7 @@ class RoutingContext:
         whose cache holds no query is routed from its new tokens. It also reads the component routers' sums over the
         cached tokens, to which it adds its own.
         """
-        self.regularization = {}
+        self.regularization, self.sequence_gates = {}, {}
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         inputs_embeds = kwargs.get("inputs_embeds")
         tokens = input_ids if input_ids is not None else inputs_embeds

@@ -36,6 +36,10 @@ class SharedRouter(Router):
         except AttributeError:
             return getattr(self.__dict__["owner"], name)
 
+    @property
+    def state_owner(self) -> Router:
+        return self.owner
+
     def queries(self, x: torch.Tensor, context: Optional[RoutingContext]) -> torch.Tensor:
         return self.owner.queries(x, context)
 
