@@ -40,7 +40,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         "sparta_settings",
         "forced_task",
         "merged_task",
-        "sparta_frozen_stack",
+        "sparta_frozen_summary",
     )
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, **kwargs) -> None:
@@ -58,7 +58,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         self.sparta_settings: dict[str, SpaRTAConfig] = {}
         self.forced_task: dict[str, Optional[int]] = {}
         self.merged_task: dict[str, int] = {}
-        self.sparta_frozen_stack: dict[str, tuple[list, torch.Tensor]] = {}  # see LayerRegularizers._frozen_stack
+        self.sparta_frozen_summary: dict[str, tuple] = {}  # see LayerRegularizers._frozen_summary
         self.routing_context: Optional[RoutingContext] = None
         self._disable_adapters = False
         self.merged_adapters = []
@@ -380,16 +380,16 @@ class Linear(nn.Module, SpaRTALayer):
         return result
 
     def _apply(self, fn, *args, **kwargs):
-        """Moves and casts (``.to()``, ``.half()``, ...) also drop the stacks of frozen branches, rebuilt at the next
+        """Moves and casts (``.to()``, ``.half()``, ...) also drop the summaries of frozen branches, rebuilt at the next
         training step from the converted blocks: the new storage may reuse the old one's address."""
-        self.sparta_frozen_stack.clear()
+        self.sparta_frozen_summary.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
-        """Eval mode also drops the stacks of frozen branches: only the training penalty reads them, and each holds a
+        """Eval mode also drops the summaries of frozen branches: only the training penalty reads them, and each holds a
         copy of the frozen down-projections."""
         if not mode:
-            self.sparta_frozen_stack.clear()
+            self.sparta_frozen_summary.clear()
         return super().train(mode)
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from .kernels import orthogonality_penalty
 from .kernels.backend import resolve_backend
+from .kernels.orthogonality_gram import gram_matrix, gram_orthogonality_penalty
 from .routers import is_recomputation
 
 
@@ -84,43 +85,53 @@ class LayerRegularizers:
         return loss
 
     def _penalty_against(self, adapter_name: str, left: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
-        """The orthogonality penalty of ``left`` against ``others``, as one product against the stack of the frozen
-        ones (`_frozen_stack`) plus one against the trainable ones, which must get their gradient (the shared branch
-        while it trains; every block under FSDP, whose views of the flat parameter all require grad). The eager
-        backend, the per-branch reference, gets the frozen blocks themselves."""
+        """The orthogonality penalty of ``left`` against ``others``, as one product against a cached summary of the
+        frozen ones (`_frozen_summary`) plus one against the trainable ones, which must get their gradient (the
+        shared branch while it trains; every block under FSDP, whose views of the flat parameter all require grad).
+        The eager backend, the per-branch reference, gets the frozen blocks themselves."""
         config = self.sparta_settings[adapter_name]
         backend = resolve_backend(config.kernel_backend, left)
         frozen = [block for block in others if not block.requires_grad]
         trainable = [block for block in others if block.requires_grad]
+        penalties = []
         if len(frozen) > 1 and backend != "eager":
-            frozen = [self._frozen_stack(adapter_name, frozen)]
-        penalties = [
-            orthogonality_penalty(left, group, config.orth_norm, backend=backend)
-            for group in (frozen, trainable)
-            if group
-        ]
+            form, summary = self._frozen_summary(adapter_name, frozen, config.orth_norm)
+            if form == "gram":
+                penalties.append(gram_orthogonality_penalty(left, summary))
+            else:
+                penalties.append(orthogonality_penalty(left, summary, config.orth_norm, backend=backend))
+        elif frozen:
+            penalties.append(orthogonality_penalty(left, frozen, config.orth_norm, backend=backend))
+        if trainable:
+            penalties.append(orthogonality_penalty(left, trainable, config.orth_norm, backend=backend))
         return penalties[0] if len(penalties) == 1 else penalties[0] + penalties[1]
 
-    def _frozen_stack(self, adapter_name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """``torch.cat(blocks)`` without autograd history, built once per task instead of at every step.
+    def _frozen_summary(self, adapter_name: str, blocks: list[torch.Tensor], norm: str) -> tuple[str, torch.Tensor]:
+        """What the penalty needs of the frozen blocks, built once per task instead of at every step, without
+        autograd history: their stack ``torch.cat(blocks)`` ("stack"), or, for the Frobenius norm once they hold more
+        rows than in_features, their Gram matrix ("gram", see `gram_orthogonality_penalty`), which then costs less
+        to multiply and to hold, and the same at any number of tasks.
 
-        Frozen branches do not change while a task trains, so the stack is kept per adapter and rebuilt only when a
-        block is another tensor, has other storage or was modified in place (its identity, data pointer and version
-        counter are compared): `add_task` and `remove_task` change the blocks, loading a state dict copies into them
-        (a new version) or assigns new ones, and moving the layer (`.to()`, which may reuse freed storage) clears the
-        stack, as eval mode does. It is a copy, not views of the blocks, so that FSDP or ZeRO-3 freeing or resizing
-        parameter storage between forwards cannot change it under the penalty; it costs one more copy of the frozen
-        down-projections (sum of their rows x in_features elements per layer) while it is held.
+        Frozen branches do not change while a task trains, so the summary is kept per adapter and rebuilt only when
+        a block is another tensor, has other storage or was modified in place (its identity, data pointer and
+        version counter are compared): `add_task` and `remove_task` change the blocks, loading a state dict copies
+        into them (a new version) or assigns new ones, and moving the layer (`.to()`, which may reuse freed storage)
+        clears it, as eval mode does. It is a copy, not views of the blocks, so that FSDP or ZeRO-3 freeing or
+        resizing parameter storage between forwards cannot change it under the penalty; it costs the smaller of the
+        frozen down-projections' size and in_features^2 elements per layer while it is held.
         """
+        rows = sum(block.shape[0] for block in blocks)
+        form = "gram" if norm == "fro" and rows > blocks[0].shape[-1] else "stack"
         key = [(block, block.data_ptr(), block._version) for block in blocks]
-        cached = self.sparta_frozen_stack.get(adapter_name)
-        if cached is None or not _same_blocks(cached[0], key):
-            cached = self.sparta_frozen_stack[adapter_name] = (key, torch.cat(blocks))
-        return cached[1]
+        cached = self.sparta_frozen_summary.get(adapter_name)
+        if cached is None or cached[1] != form or not _same_blocks(cached[0], key):
+            summary = gram_matrix(blocks) if form == "gram" else torch.cat(blocks)
+            cached = self.sparta_frozen_summary[adapter_name] = (key, form, summary)
+        return form, cached[2]
 
 
 def _same_blocks(cached: list[tuple], current: list[tuple]) -> bool:
-    """Whether two keys of `_frozen_stack` name the same tensors, in the same order, storage and version."""
+    """Whether two keys of `_frozen_summary` name the same tensors, in the same order, storage and version."""
     return len(cached) == len(current) and all(
         old is new and old_state == new_state for (old, *old_state), (new, *new_state) in zip(cached, current)
     )

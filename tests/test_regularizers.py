@@ -1,6 +1,6 @@
-"""The orthogonality penalty of a layer with its stack of frozen branches: equal to the per-block definition (value and
-every gradient), built once per task, and rebuilt whenever the frozen branches change (add/remove a task, loading,
-moves and casts)."""
+"""The orthogonality penalty of a layer with its summary of frozen branches (their stack, or their Gram matrix): equal
+to the per-block definition (value and every gradient), built once per task, and rebuilt whenever the frozen branches
+change (add/remove a task, loading, moves and casts)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from peft_sparta.kernels import orthogonality_penalty_reference
 from tests.conftest import tiny_llama
 
 
-def sparta(tasks: int, seed: int = 0, **kwargs):
+def sparta(tasks: int, seed: int = 0, r_task: int = 4, **kwargs):
     model = get_peft_model(
-        tiny_llama(seed), SpaRTAConfig(target_modules=["q_proj", "v_proj"], r_shared=2, r_task=4, **kwargs)
+        tiny_llama(seed), SpaRTAConfig(target_modules=["q_proj", "v_proj"], r_shared=2, r_task=r_task, **kwargs)
     )
     for index in range(1, tasks):
         model.add_task(f"task_{index}")
@@ -52,24 +52,50 @@ def assert_penalty_is_the_definition(layer: SpaRTALayer, norm: str = "fro") -> N
 
 
 def frozen_stack(layer: SpaRTALayer) -> torch.Tensor | None:
-    cached = layer.sparta_frozen_stack.get("default")
-    return None if cached is None else cached[1]
+    """The layer's cached summary of its frozen branches: their stack, or their Gram matrix."""
+    cached = layer.sparta_frozen_summary.get("default")
+    return None if cached is None else cached[2]
+
+
+def frozen_blocks(layer: SpaRTALayer) -> list[torch.Tensor]:
+    return [p for p in (*layer._shared_down("default"), *layer.sparta_A_task["default"]) if not p.requires_grad]
 
 
 @pytest.mark.parametrize("norm", ["fro", "l1"])
 @pytest.mark.parametrize("shared_update", ["freeze_after_first", "train"])
-@pytest.mark.parametrize("tasks", [1, 2, 4])
-def test_penalty_equals_the_per_block_definition(tasks, shared_update, norm):
+@pytest.mark.parametrize(("tasks", "r_task"), [(1, 4), (2, 4), (4, 4), (2, 16), (4, 16)])
+def test_penalty_equals_the_per_block_definition(tasks, r_task, shared_update, norm):
     """Value and the gradient of every trainable down-projection (the shared one included while it trains), at the
-    first call (the stack is built) and the second (it is reused)."""
-    layer = first_layer(sparta(tasks, shared_update=shared_update, orth_norm=norm))
+    first call (the summary is built) and the second (it is reused). With r_task=16 and 4 tasks the frozen branches
+    hold more rows (50 or 48) than the layer's 32 input features: the Frobenius penalty then reads their Gram matrix,
+    the l1 penalty their stack."""
+    layer = first_layer(sparta(tasks, shared_update=shared_update, orth_norm=norm, r_task=r_task))
     for _ in range(2):
         assert_penalty_is_the_definition(layer, norm)
-    frozen = [p for p in (*layer._shared_down("default"), *layer.sparta_A_task["default"]) if not p.requires_grad]
-    if len(frozen) > 1:
-        torch.testing.assert_close(frozen_stack(layer), torch.cat(frozen), atol=0, rtol=0)
-    else:
+    frozen = frozen_blocks(layer)
+    stacked = torch.cat(frozen) if frozen else None
+    if len(frozen) < 2:
         assert frozen_stack(layer) is None, "one frozen block (or none) needs no stack"
+    elif norm == "fro" and stacked.shape[0] > stacked.shape[1]:
+        assert r_task == 16 and tasks == 4
+        torch.testing.assert_close(frozen_stack(layer), stacked.T @ stacked, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(frozen_stack(layer), stacked, atol=0, rtol=0)
+
+
+def test_gram_summary_is_rebuilt_by_add_task_and_gives_way_to_the_stack_after_remove_task():
+    model = sparta(3, r_task=16)
+    layer = first_layer(model)
+    layer.orthogonality_loss("default")
+    gram = frozen_stack(layer)
+    assert gram.shape == (32, 32), "2 + 2 * 16 frozen rows against 32 input features"
+    model.add_task("task_3")
+    assert_penalty_is_the_definition(layer)
+    assert frozen_stack(layer) is not gram and frozen_stack(layer).shape == (32, 32)
+    model.remove_task("task_1")
+    model.remove_task("task_2")
+    assert_penalty_is_the_definition(layer)
+    assert frozen_stack(layer).shape == (2 + 16, 32), "18 rows: the stack is the smaller summary again"
 
 
 def test_stack_is_built_once_per_task_and_rebuilt_by_add_and_remove_task():
@@ -121,8 +147,7 @@ def test_stack_is_rebuilt_after_moves_and_casts(dtype):
     model.to(torch.float32)
     assert frozen_stack(layer) is None
     assert_penalty_is_the_definition(layer)
-    frozen = [p for p in (*layer._shared_down("default"), *layer.sparta_A_task["default"]) if not p.requires_grad]
-    assert torch.equal(frozen_stack(layer), torch.cat(frozen))
+    assert torch.equal(frozen_stack(layer), torch.cat(frozen_blocks(layer)))
 
 
 def test_eager_backend_reads_the_blocks_themselves():
