@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table, median_seconds, peak_memory_bytes, report
+from common import interleaved_medians, machine, markdown_table, peak_memory_bytes, report
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm import tqdm
@@ -58,36 +58,54 @@ def wrap(shape, method: str, tasks: int, args, dtype, device) -> nn.Module:
     return model
 
 
-def measure(model, x: torch.Tensor, device, args) -> dict:
-    def train_step():
-        model.train()
-        model(x).float().pow(2).mean().backward()
-        model.zero_grad(set_to_none=True)
-        x.grad = None
+def measure(models: dict, x: torch.Tensor, device, args) -> dict:
+    """Step time, peak memory and inference time of every model on input ``x``, the times taken in turns (see
+    `interleaved_medians`)."""
 
-    def infer_step():
-        model.eval()
-        with torch.no_grad():
-            model(x)
+    def train_step(model, x):
+        def step():
+            model.train()
+            model(x).float().pow(2).mean().backward()
+            model.zero_grad(set_to_none=True)
+            x.grad = None
 
+        return step
+
+    def infer_step(model, x):
+        def step():
+            model.eval()
+            with torch.no_grad():
+                model(x)
+
+        return step
+
+    trains = {key: train_step(model, x) for key, model in models.items()}
+    steps = interleaved_medians(trains, device, args.warmup, args.repeats)
+    infers = {key: infer_step(model, x) for key, model in models.items()}
+    infer_times = interleaved_medians(infers, device, args.warmup, args.repeats)
     return {
-        "step_s": median_seconds(train_step, device, args.warmup, args.repeats),
-        "peak_bytes": peak_memory_bytes(train_step, device, model),
-        "infer_s": median_seconds(infer_step, device, args.warmup, args.repeats),
+        key: {
+            "step_s": steps[key],
+            "peak_bytes": peak_memory_bytes(trains[key], device, model),
+            "infer_s": infer_times[key],
+        }
+        for key, model in models.items()
     }
 
 
 def run(args) -> dict:
-    """Results keyed "<in>x<out>/<method>/<tasks>"."""
+    """Results keyed "<in>x<out>/<method>/<tasks>"; the models of one layer shape are timed in turns."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     methods = [("lora", 1)] + [(m, t) for t in args.tasks for m in ("sparta-eager", "sparta-fused")]
-    cases = [(name, method, tasks) for name in args.shapes for method, tasks in methods]
     results = {}
-    for name, method, tasks in tqdm(cases, desc="layers"):
+    for name in tqdm(args.shapes, desc="layer shapes"):
         shape = SHAPES[name]
         x = torch.randn(args.tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
-        results[f"{name}/{method}/{tasks}"] = measure(wrap(shape, method, tasks, args, dtype, device), x, device, args)
+        models = {
+            f"{name}/{method}/{tasks}": wrap(shape, method, tasks, args, dtype, device) for method, tasks in methods
+        }
+        results.update(measure(models, x, device, args))
     return results
 
 

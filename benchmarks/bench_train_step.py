@@ -3,7 +3,8 @@
 LoRA gets the same total trainable rank as SpaRTA (r_shared + r_task). SpaRTA carries 1, 4 or 16 tasks (the last one
 training). Reports step time (forward + backward), tokens/s and peak memory (CUDA allocator peak; on CPU the bytes
 autograd saves for backward), each also as a ratio to LoRA measured in the same run, and the inference cost with
-top_k=1 at many tasks relative to one task. ``--output`` writes the results as JSON (with the commit, machine and
+top_k=1 at many tasks relative to one task. All models of a shape are built first and timed in turns, one step each
+per round, so that a shared machine's drift does not bias the ratios. ``--output`` writes the results as JSON (with the commit, machine and
 settings of the run) and the table as markdown beside it.
 
     python benchmarks/bench_train_step.py --shape smollm --output benchmarks/results/train-step-smollm-cpu.json
@@ -16,7 +17,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table, median_seconds, peak_memory_bytes, report
+from common import interleaved_medians, machine, markdown_table, peak_memory_bytes, report
 from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,23 +56,36 @@ def wrap(base, method: str, tasks: int, args) -> torch.nn.Module:
     return model
 
 
-def measure(model, batch: torch.Tensor, device: torch.device, args) -> dict:
-    def train_step():
-        model.train()
-        model(input_ids=batch, labels=batch).loss.backward()
-        model.zero_grad(set_to_none=True)
+def measure(models: dict, batch: torch.Tensor, device: torch.device, args) -> dict:
+    """Step time, tokens/s, peak memory and top_k=1 inference time of every model, the times taken in turns (see
+    `interleaved_medians`)."""
 
-    def infer_step():
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=batch)
+    def train_step(model):
+        def step():
+            model.train()
+            model(input_ids=batch, labels=batch).loss.backward()
+            model.zero_grad(set_to_none=True)
 
-    seconds = median_seconds(train_step, device, args.warmup, args.repeats)
+        return step
+
+    def infer_step(model):
+        def step():
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=batch)
+
+        return step
+
+    steps = interleaved_medians({key: train_step(m) for key, m in models.items()}, device, args.warmup, args.repeats)
+    infers = interleaved_medians({key: infer_step(m) for key, m in models.items()}, device, args.warmup, args.repeats)
     return {
-        "step_s": seconds,
-        "tokens_per_s": batch.numel() / seconds,
-        "peak_bytes": peak_memory_bytes(train_step, device, model),
-        "infer_s": median_seconds(infer_step, device, args.warmup, args.repeats),
+        key: {
+            "step_s": steps[key],
+            "tokens_per_s": batch.numel() / steps[key],
+            "peak_bytes": peak_memory_bytes(train_step(model), device, model),
+            "infer_s": infers[key],
+        }
+        for key, model in models.items()
     }
 
 
@@ -82,12 +96,14 @@ def run(args) -> dict:
     for shape in args.shape:
         batch = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq), device=device)
         cases = [("lora", 1)] + [(m, t) for t in args.tasks for m in ("sparta-eager", "sparta-fused")]
-        for method, tasks in tqdm(cases, desc=f"{shape} shape"):
-            model = wrap(build(shape, args.layers, dtype, device), method, tasks, args)
-            results[f"{shape}/{method}/{tasks}"] = measure(model, batch, device, args)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        models = {
+            f"{shape}/{method}/{tasks}": wrap(build(shape, args.layers, dtype, device), method, tasks, args)
+            for method, tasks in tqdm(cases, desc=f"{shape} shape: building")
+        }
+        results.update(measure(models, batch, device, args))
+        del models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 

@@ -75,18 +75,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(step, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``step()`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        step()
+def interleaved_medians(steps: dict, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median wall time of each ``steps[key]()``, after ``warmup`` untimed calls each, timed in turns (one call of
+    every step per round): a machine that speeds up or slows down during the run (shared hosts, clock changes) then
+    shifts every step alike, and the ratios between them hold."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     synchronize(device)
-    times = []
+    times = {key: [] for key in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 @contextmanager

@@ -89,3 +89,14 @@ def test_bench_task_scaling_router_timer_restores_the_model(bench_task_scaling):
     assert total[0] > 0
     assert all("decide" not in vars(router) for router in routers)
     assert "begin_forward" not in vars(case.model.base_model.routing_context)
+
+
+def test_interleaved_medians_time_every_step_in_turns(bench_layers):
+    """Warm-up calls of each step, then rounds of one call of every step, medians per step."""
+    common = sys.modules["common"]
+    calls = []
+    medians = common.interleaved_medians(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, common.torch.device("cpu"), 1, 3
+    )
+    assert calls == ["a", "b"] * 4
+    assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
