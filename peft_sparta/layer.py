@@ -385,13 +385,6 @@ class Linear(nn.Module, SpaRTALayer):
         self.sparta_frozen_summary.clear()
         return super()._apply(fn, *args, **kwargs)
 
-    def train(self, mode: bool = True):
-        """Eval mode also drops the summaries of frozen branches: only the training penalty reads them, and each holds a
-        copy of the frozen down-projections."""
-        if not mode:
-            self.sparta_frozen_summary.clear()
-        return super().train(mode)
-
     def __repr__(self) -> str:
         return "sparta." + super().__repr__()
 

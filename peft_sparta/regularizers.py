@@ -116,7 +116,7 @@ class LayerRegularizers:
         a block is another tensor, has other storage or was modified in place (its identity, data pointer and
         version counter are compared): `add_task` and `remove_task` change the blocks, loading a state dict copies
         into them (a new version) or assigns new ones, and moving the layer (`.to()`, which may reuse freed storage)
-        clears it, as eval mode does. It is a copy, not views of the blocks, so that FSDP or ZeRO-3 freeing or
+        clears it. It outlives eval mode, so that a loop that evaluates between training steps does not rebuild it. It is a copy, not views of the blocks, so that FSDP or ZeRO-3 freeing or
         resizing parameter storage between forwards cannot change it under the penalty; it costs the smaller of the
         frozen down-projections' size and in_features^2 elements per layer while it is held.
         """
