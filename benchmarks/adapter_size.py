@@ -11,13 +11,11 @@ A randomly initialised model of the real shape is used: sizes do not depend on t
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table
+from common import markdown_table, write_results
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,13 +29,6 @@ SMOLLM2_135M = {
     "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True,
 }  # fmt: skip
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def commit() -> str:
-    """The checked-out commit, marked "-dirty" when the tree has changes."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False).stdout
-    return head + ("-dirty" if dirty.strip() else "")
 
 
 def measure(tasks: int) -> dict:
@@ -86,14 +77,8 @@ def main() -> None:
     )
     print(table)
     if args.out:
-        record = {
-            "machine": machine(),
-            "commit": commit(),
-            "settings": {"targets": TARGETS, **SMOLLM2_135M},
-            "rows": rows,
-        }
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-        args.out.with_suffix(".md").write_text(f"Commit {record['commit']}, {record['machine']}\n\n{table}\n")
+        settings = {"tasks": args.tasks, "targets": TARGETS, **SMOLLM2_135M}
+        write_results(args.out, "Saved adapter size, SmolLM2-135M shape", rows, table, settings)
 
 
 if __name__ == "__main__":
