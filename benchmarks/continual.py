@@ -6,14 +6,17 @@ Suites (see peft_sparta/benchmark/suites.py):
 - smollm: five offline instruction tasks on SmolLM2-135M-Instruct, exact-match answers (reduced CPU setting).
 - translation: translation of eight words into French, Spanish and German on all-MiniLM-L6-v2, scored as minilm: the
   tasks' prompts differ in one word (the language), the hard case for routing.
+- long: fifteen offline text-classification tasks (minilm's six and nine more built the same way) on
+  all-MiniLM-L6-v2, scored as minilm, in three fixed task orders (--order 1, 2, 3; one results file per order).
 - standard: the Standard CL benchmark (AG News, Amazon, Yelp, DBpedia, Yahoo; orders 1-3) through `datasets`
   (Hub download, or --data-dir with <task>/train.jsonl and test.jsonl in the Hub column layout).
 
-Each offline suite (minilm, smollm, translation) also has held-out tasks, never trained (a trained task's format with
-a new label set, and a format no trained task has): every method, and the base model before training, is scored on
-them after the whole sequence (--no-held-out skips them).
+Each offline suite (minilm, smollm, translation, long) also has held-out tasks, never trained (a trained task's
+format with a new label set, and a format no trained task has; long: minilm's): every method, and the base model
+before training, is scored on them after the whole sequence (--no-held-out skips them).
 
-Writes benchmarks/results/continual-<suite>.json (merged with the methods already there), a markdown table
+Writes benchmarks/results/continual-<suite>.json (long: continual-long-order<k>.json, one file per task order;
+merged with the methods already there), a markdown table
 (continual-<suite>.md) and plots (continual-<suite>-accuracy.png: accuracy-matrix heatmap per method;
 continual-<suite>-routing.png: mean router gates per true task for each SpaRTA run; continual-<suite>-learning.png:
 each task's accuracy right after its training, router deciding and own branch forced; continual-<suite>-held-out.png:
@@ -27,6 +30,7 @@ rows kept their run get the header's former "machine" and "settings", marked as 
     python benchmarks/continual.py --suite minilm --methods sparta --sparta router_temperature=0.05 --tag t005
     python benchmarks/continual.py --suite smollm --methods sparta seq_lora o_lora --steps 20
     python benchmarks/continual.py --suite translation --methods sparta seq_lora
+    python benchmarks/continual.py --suite long --order 2
     python benchmarks/continual.py --suite standard --order 1 --data-dir data/standard_cl --model minilm
 """
 
@@ -76,11 +80,12 @@ MINILM_METHODS = [
 ]  # fmt: skip
 SMOLLM_METHODS = ["sparta", "seq_lora", "o_lora", "osf", "mtl_lora"]
 SUITE_METHODS = {"minilm": MINILM_METHODS, "standard": MINILM_METHODS, "smollm": SMOLLM_METHODS,
-                 "translation": SMOLLM_METHODS}  # fmt: skip
+                 "translation": SMOLLM_METHODS, "long": SMOLLM_METHODS}  # fmt: skip
 DEFAULTS = {
     # suite: steps per task, batch size, learning rate
     "minilm": (30, 16, 1e-3),
     "translation": (30, 16, 1e-3),
+    "long": (30, 16, 1e-3),
     "smollm": (40, 8, 1e-3),
     "standard": (100, 16, 1e-3),
 }
@@ -88,7 +93,7 @@ DEFAULTS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["minilm", "smollm", "translation", "standard"], default="minilm")
+    parser.add_argument("--suite", choices=["minilm", "smollm", "translation", "long", "standard"], default="minilm")
     parser.add_argument("--methods", nargs="+", default=None, help=f"any of {sorted(METHODS)}; default: the suite's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
@@ -98,18 +103,18 @@ def parse_args(argv=None):
     parser.add_argument("--r-task", type=int, default=32)
     parser.add_argument("--tasks", nargs="+", default=None, help="task names (subset / order) of the suite")
     parser.add_argument(
-        "--train-per-label", type=int, default=None, help="minilm/translation/standard: train examples per label"
+        "--train-per-label", type=int, default=None, help="minilm/translation/long/standard: train examples per label"
     )
     parser.add_argument(
-        "--test-per-label", type=int, default=None, help="minilm/translation/standard: test examples per label"
+        "--test-per-label", type=int, default=None, help="minilm/translation/long/standard: test examples per label"
     )
     parser.add_argument("--no-held-out", action="store_true", help="do not score the suite's held-out tasks")
     parser.add_argument(
-        "--boilerplate", action="store_true", help="minilm: wrap every input in shared boilerplate (harder routing)"
+        "--boilerplate", action="store_true", help="minilm/long: wrap inputs in shared boilerplate (harder routing)"
     )
     parser.add_argument("--train-size", type=int, default=48, help="smollm: training examples per task")
     parser.add_argument("--test-size", type=int, default=24, help="smollm: test examples per task")
-    parser.add_argument("--order", type=int, default=1, choices=[1, 2, 3], help="standard: task order")
+    parser.add_argument("--order", type=int, default=1, choices=[1, 2, 3], help="standard, long: task order")
     parser.add_argument("--data-dir", default=None, help="standard: local <task>/{train,test}.jsonl files")
     parser.add_argument("--model", choices=["minilm", "smollm"], default="minilm", help="standard: the model")
     parser.add_argument(
@@ -141,7 +146,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def build_suite(args):
     """(tasks, held-out tasks, harness, model factory, target modules, task_type)."""
-    if args.suite in ("minilm", "translation") or (args.suite == "standard" and args.model == "minilm"):
+    if args.suite in ("minilm", "translation", "long") or (args.suite == "standard" and args.model == "minilm"):
         _, tokenizer = offline.load_minilm()
         harness = EmbeddingClassificationHarness(tokenizer, max_length=128 if args.suite == "standard" else 64)
         factory, targets, task_type = (lambda: offline.load_minilm()[0]), MINILM_TARGETS, None
@@ -155,6 +160,12 @@ def build_suite(args):
         tasks = suites.classification_suite(
             args.seed, train_per_label=args.train_per_label or 48, test_per_label=test_per_label,
             tasks=args.tasks, boilerplate=args.boilerplate,
+        )  # fmt: skip
+        held_out = suites.classification_held_out(args.seed, test_per_label, boilerplate=args.boilerplate)
+    elif args.suite == "long":
+        tasks = suites.long_sequence_suite(
+            args.seed, train_per_label=args.train_per_label or 48, test_per_label=test_per_label,
+            order=tuple(args.tasks) if args.tasks else args.order, boilerplate=args.boilerplate,
         )  # fmt: skip
         held_out = suites.classification_held_out(args.seed, test_per_label, boilerplate=args.boilerplate)
     elif args.suite == "translation":
@@ -176,6 +187,12 @@ def build_suite(args):
     return tasks, [] if args.no_held_out else held_out, harness, factory, targets, task_type
 
 
+def default_stem(args) -> str:
+    """The results stem without --out: continual-<suite>, with the task order for the long suite (unless --tasks)."""
+    order = f"-order{args.order}" if args.suite == "long" and not args.tasks else ""
+    return f"continual-{args.suite}{order}" + ("-boilerplate" if args.boilerplate else "")
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     steps, batch_size, lr = DEFAULTS[args.suite]
@@ -190,8 +207,7 @@ def run(args) -> dict:
     tasks, held_out, harness, factory, targets, task_type = build_suite(args)
     methods = args.methods or SUITE_METHODS[args.suite]
     overrides = parse_overrides(args.sparta)
-    default_stem = f"continual-{args.suite}" + ("-boilerplate" if args.boilerplate else "")
-    stem = Path(args.out) if args.out else RESULTS / default_stem
+    stem = Path(args.out) if args.out else RESULTS / default_stem(args)
     stem.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(stem)
     this_run = provenance()

@@ -13,6 +13,8 @@
 - `classification_held_out`, `generation_held_out`, `translation_held_out`: each suite's tasks that are never
   trained (a trained task's format with a new label set, and a format no trained task has), scored after the whole
   sequence (``train_sequence(..., held_out=...)``).
+- `long_sequence_suite`: fifteen text-classification tasks (the six of `classification_suite` and nine more built
+  the same way) in three fixed task orders, for continual learning over long sequences.
 - `standard_cl_suite`: the "Standard CL benchmark" (AG News, Amazon, Yelp, DBpedia, Yahoo Answers) as
   text-to-text classification in the three task orders of the literature, through `datasets` (downloadable or local
   files in the same column layout).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from .classification import CLASSIFICATION_TASKS, classification_held_out, classification_suite
 from .generation import GENERATION_TASKS, generation_held_out, generation_suite
+from .long_sequence import LONG_SEQUENCE_ORDERS, LONG_SEQUENCE_TASKS, long_sequence_suite
 from .standard_cl import STANDARD_CL_ORDERS, STANDARD_CL_TASKS, standard_cl_suite
 from .tasks import CALIBRATION_TEXTS, NEUTRAL_TEXTS, Example, Task
 from .translation import TRANSLATION_TASKS, translation_held_out, translation_suite
@@ -31,6 +34,8 @@ __all__ = [
     "CALIBRATION_TEXTS",
     "CLASSIFICATION_TASKS",
     "GENERATION_TASKS",
+    "LONG_SEQUENCE_ORDERS",
+    "LONG_SEQUENCE_TASKS",
     "NEUTRAL_TEXTS",
     "STANDARD_CL_ORDERS",
     "STANDARD_CL_TASKS",
@@ -41,6 +46,7 @@ __all__ = [
     "classification_suite",
     "generation_held_out",
     "generation_suite",
+    "long_sequence_suite",
     "standard_cl_suite",
     "translation_held_out",
     "translation_suite",
