@@ -100,3 +100,36 @@ def test_interleaved_medians_time_every_step_in_turns(bench_layers):
     )
     assert calls == ["a", "b"] * 4
     assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
+
+
+@pytest.fixture
+def spread_script(monkeypatch):
+    yield _load_script(monkeypatch, "spread")
+    sys.modules.pop("common", None)
+
+
+def test_spread_over_runs_known_answers_and_output(spread_script, tmp_path):
+    """Mean, population std and range per method present in every file; metrics missing anywhere are left out."""
+    runs = [
+        {
+            "methods": {
+                "a": {"AA": 0.5, "BWT": -0.1, "routing_accuracy": None, "run": {"commit": "x"}},
+                "b": {"AA": 1.0},
+            }
+        },
+        {"methods": {"a": {"AA": 0.7, "BWT": -0.3, "routing_accuracy": 0.9, "run": {"commit": "y"}}}},
+    ]
+    paths = []
+    for index, results in enumerate(runs):
+        paths.append(tmp_path / f"run{index}.json")
+        paths[-1].write_text(json.dumps(results))
+    spread_script.main([*map(str, paths), "--out", str(tmp_path / "spread")])
+    saved = json.loads((tmp_path / "spread.json").read_text())
+    assert set(saved["summary"]) == {"a"}
+    aa, bwt = saved["summary"]["a"]["AA"], saved["summary"]["a"]["BWT"]
+    assert (
+        aa["mean"] == pytest.approx(0.6) and aa["std"] == pytest.approx(0.1) and (aa["min"], aa["max"]) == (0.5, 0.7)
+    )
+    assert bwt["mean"] == pytest.approx(-0.2) and "routing_accuracy" not in saved["summary"]["a"]
+    assert saved["runs"][str(paths[1])] == [{"commit": "y"}]
+    assert "0.600 ± 0.100 (0.500-0.700)" in (tmp_path / "spread.md").read_text()
