@@ -58,7 +58,7 @@ def table(summary: dict, count: int) -> str:
     def cell(stats: dict | None) -> str:
         if stats is None:
             return "—"
-        return f"{stats['mean']:.3f} ± {stats['std']:.3f} ({stats['min']:.3f}-{stats['max']:.3f})"
+        return f"{stats['mean']:.3f} ± {stats['std']:.3f} ({stats['min']:.3f} to {stats['max']:.3f})"
 
     header = ["method", *(f"{label} (mean ± std, range)" for label in METRICS.values())]
     rows = [[method, *(cell(metrics.get(metric)) for metric in METRICS)] for method, metrics in summary.items()]

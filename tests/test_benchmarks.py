@@ -132,4 +132,4 @@ def test_spread_over_runs_known_answers_and_output(spread_script, tmp_path):
     )
     assert bwt["mean"] == pytest.approx(-0.2) and "routing_accuracy" not in saved["summary"]["a"]
     assert saved["runs"][str(paths[1])] == [{"commit": "y"}]
-    assert "0.600 ± 0.100 (0.500-0.700)" in (tmp_path / "spread.md").read_text()
+    assert "0.600 ± 0.100 (0.500 to 0.700)" in (tmp_path / "spread.md").read_text()
