@@ -15,7 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load_script(monkeypatch, name: str):
-    """benchmarks/<name>.py as a module; ``common`` is dropped from sys.modules by the fixture that loaded it."""
+    """benchmarks/<name>.py as a module (its sibling ``common`` importable)."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their sibling `common`
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -23,10 +23,18 @@ def _load_script(monkeypatch, name: str):
     return module
 
 
-@pytest.fixture
-def bench_layers(monkeypatch):
-    yield _load_script(monkeypatch, "bench_layers")
-    sys.modules.pop("common", None)
+def script_fixture(name: str):
+    """A fixture giving benchmarks/<name>.py as a module; ``common`` is dropped from sys.modules afterwards."""
+
+    @pytest.fixture
+    def load(monkeypatch):
+        yield _load_script(monkeypatch, name)
+        sys.modules.pop("common", None)
+
+    return load
+
+
+bench_layers = script_fixture("bench_layers")
 
 
 def test_bench_layers_output_records_results_table_and_run(bench_layers, tmp_path, monkeypatch):
@@ -49,10 +57,7 @@ def test_bench_layers_output_records_results_table_and_run(bench_layers, tmp_pat
     assert "Run: commit" in report
 
 
-@pytest.fixture
-def bench_task_scaling(monkeypatch):
-    yield _load_script(monkeypatch, "bench_task_scaling")
-    sys.modules.pop("common", None)
+bench_task_scaling = script_fixture("bench_task_scaling")
 
 
 def test_bench_task_scaling_sizes_known_answers_and_output(bench_task_scaling, tmp_path, monkeypatch):
@@ -102,10 +107,7 @@ def test_interleaved_medians_time_every_step_in_turns(bench_layers):
     assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
 
 
-@pytest.fixture
-def spread_script(monkeypatch):
-    yield _load_script(monkeypatch, "spread")
-    sys.modules.pop("common", None)
+spread_script = script_fixture("spread")
 
 
 def test_spread_over_runs_known_answers_and_output(spread_script, tmp_path):

@@ -211,12 +211,21 @@ def classification_suite(
     inputs then differ in a smaller part of their tokens, a harder case for routing on mean-pooled input embeddings.
     """
     names = list(tasks) if tasks is not None else list(CLASSIFICATION_TASKS)
-    unknown = [name for name in names if name not in _CLASSIFICATION_TASKS]
+    return _labelled_tasks(
+        "classification", _CLASSIFICATION_TASKS, names, seed, train_per_label, test_per_label, boilerplate
+    )
+
+
+def _labelled_tasks(
+    kind: str, registry: dict, names, seed: int, train_per_label: int, test_per_label: int, boilerplate: bool
+) -> list[Task]:
+    """The tasks ``names`` of ``registry`` (name -> (labels, generator)), built by `_labelled_task`; an unknown
+    name is an error that lists the ``kind`` of suite's tasks."""
+    unknown = [name for name in names if name not in registry]
     if unknown:
-        raise ValueError(f"unknown classification tasks {unknown}; available: {list(CLASSIFICATION_TASKS)}.")
+        raise ValueError(f"unknown {kind} tasks {unknown}; available: {list(registry)}.")
     return [
-        _labelled_task(name, *_CLASSIFICATION_TASKS[name], seed, train_per_label, test_per_label, boilerplate)
-        for name in names
+        _labelled_task(name, *registry[name], seed, train_per_label, test_per_label, boilerplate) for name in names
     ]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from .classification import _CLASSIFICATION_TASKS, _COMMON, ALL_DOMAIN_WORDS, _fill, _labelled_task
+from .classification import _CLASSIFICATION_TASKS, _COMMON, ALL_DOMAIN_WORDS, _fill, _labelled_tasks
 from .tasks import Task
 
 
@@ -217,10 +217,6 @@ def long_sequence_suite(
         names = LONG_SEQUENCE_ORDERS[order]
     else:
         names = tuple(order)
-    unknown = [name for name in names if name not in _LONG_SEQUENCE_TASKS]
-    if unknown:
-        raise ValueError(f"unknown long-sequence tasks {unknown}; available: {list(LONG_SEQUENCE_TASKS)}.")
-    return [
-        _labelled_task(name, *_LONG_SEQUENCE_TASKS[name], seed, train_per_label, test_per_label, boilerplate)
-        for name in names
-    ]
+    return _labelled_tasks(
+        "long-sequence", _LONG_SEQUENCE_TASKS, names, seed, train_per_label, test_per_label, boilerplate
+    )
