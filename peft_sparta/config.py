@@ -26,6 +26,7 @@ RUN_TIME_FIELDS = frozenset(
     [
         "router_temperature",
         "router_abstain_threshold",
+        "router_abstain_spread",
         "top_k",
         "orth_lambda",
         "router_lambda",
@@ -108,6 +109,13 @@ class SpaRTAConfig(PeftConfig):
             some task. The right value depends on the data: measure your tasks' scores and those of text that should
             abstain with `peft_sparta.continual.RoutingRecorder(model, quantity="scores")` (README: "Inputs that
             resemble no task").
+        router_abstain_spread (`float`, *optional*):
+            Prototype router: at inference, an input abstains (base model and shared branch only) when its best
+            similarity to every task is below that task's own floor, 1 - k * (1 - m), where m is the mean similarity
+            of the task's training queries to their prototypes (the spread of its prototypes) and k is this value.
+            Unlike ``router_abstain_threshold`` the floor needs no data besides the training run, and it follows each
+            task's own spread: a task whose prompts vary keeps a lower floor than a task whose prompts are alike.
+            None: no per-task floor.
         orth_lambda (`float`, *optional*, defaults to `0.5`):
             Weight of the orthogonality loss between the current task branch, the shared branch and old branches.
         orth_norm (`str`, *optional*, defaults to `"fro"`):
@@ -209,6 +217,13 @@ class SpaRTAConfig(PeftConfig):
         metadata={
             "help": "At inference, inputs whose best cosine similarity to every task is below this value use no task "
             "branch (base model + shared branch only); None routes every input to some task."
+        },
+    )
+    router_abstain_spread: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Prototype router: at inference, inputs below every task's floor 1 - k * (1 - mean training "
+            "similarity to its prototypes), k this value, use no task branch; None: no per-task floor."
         },
     )
     orth_lambda: float = field(default=0.5, metadata={"help": "Weight of the orthogonality loss."})
@@ -357,6 +372,7 @@ class SpaRTAConfig(PeftConfig):
             _check_int("top_k", self.top_k, minimum=1)
         if self.router_abstain_threshold is not None:
             _check_cosine("router_abstain_threshold", self.router_abstain_threshold)
+        self._validate_abstain_spread()
         _check_non_negative("orth_lambda", self.orth_lambda)
         _check_choice("orth_norm", self.orth_norm, NORMS)
         _check_non_negative("router_lambda", self.router_lambda)
@@ -381,6 +397,17 @@ class SpaRTAConfig(PeftConfig):
             )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform; set both or neither.")
+
+    def _validate_abstain_spread(self) -> None:
+        """The per-task floor reads the spread of the prototype router's prototypes, which other routers lack."""
+        if self.router_abstain_spread is None:
+            return
+        _check_positive("router_abstain_spread", self.router_abstain_spread)
+        if self.router != "prototype":
+            raise ValueError(
+                f"router_abstain_spread sets each task's floor from the spread of its prototypes, which only "
+                f"router='prototype' has (got router={self.router!r}); use router_abstain_threshold instead."
+            )
 
     def _validate_paper_design(self) -> None:
         """``task_branches="shared"`` goes with the component router, a trained shared branch and no task choice."""

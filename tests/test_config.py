@@ -37,6 +37,8 @@ def test_defaults():
         ("top_k", 0),
         ("router_abstain_threshold", 1.5),
         ("router_abstain_threshold", True),
+        ("router_abstain_spread", 0.0),
+        ("router_abstain_spread", float("inf")),
         ("orth_lambda", -1.0),
         ("orth_norm", "l2"),
         ("router_lambda", -0.5),
@@ -72,3 +74,8 @@ def test_every_field_has_help():
     for field in fields(SpaRTAConfig):
         if field.name in own:
             assert field.metadata.get("help"), f"{field.name} has no help text"
+
+
+def test_abstain_spread_needs_the_prototype_router():
+    with pytest.raises(ValueError, match="router_abstain_spread.*router='prototype'"):
+        SpaRTAConfig(target_modules=["q_proj"], router="learned", router_abstain_spread=3.0)

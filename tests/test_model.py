@@ -461,6 +461,33 @@ def test_router_abstains_on_inputs_near_no_task(r_shared):
             assert torch.equal(abstaining, logits(model, unrelated)), "no shared branch: exactly the base model"
 
 
+def test_router_abstains_below_every_task_floor_from_its_spread():
+    """``router_abstain_spread``: fresh inputs of a trained task route to it, inputs unlike every task abstain (no
+    task branch), with no threshold to choose from data."""
+    generator = torch.Generator().manual_seed(11)
+    ranges = {"a": (0, 12), "b": (85, 97)}
+    draw = lambda name, rows: torch.randint(*ranges[name], (rows, 10), generator=generator)  # noqa: E731
+    model = sparta(tiny_llama(), task_names=["a"], router_prototypes=2, router_abstain_spread=3.0)
+    train_steps(model, draw("a", 32), steps=2, lr=5e-2)
+    model.add_task("b")
+    train_steps(model, draw("b", 32), steps=2, lr=5e-2)
+    layer = sparta_layers(model)[0]
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
+    unrelated = torch.randint(40, 60, (8, 10), generator=generator)
+    for expected, batch in enumerate([draw("a", 8), draw("b", 8), unrelated]):
+        model(input_ids=batch)
+        gates = layer.router_gates("default", captured["x"]).flatten(0, -2)
+        if expected < 2:
+            assert ((gates.argmax(-1) == expected) & (gates.amax(-1) > 0)).float().mean() >= 0.9
+        else:
+            assert (gates.amax(-1) == 0).float().mean() >= 0.75, "unrelated inputs abstain"
+    hook.remove()
+    abstaining = logits(model, unrelated)
+    model.peft_config["default"].router_abstain_spread = None
+    assert not torch.allclose(logits(model, unrelated), abstaining), "without the floors a task branch acts"
+
+
 def test_router_abstains_with_a_single_task():
     task_a, _, unrelated = _abstain_probe_inputs()
     model = sparta(tiny_llama(), r_shared=0, task_names=["a"], router_abstain_threshold=0.6)

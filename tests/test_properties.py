@@ -30,6 +30,7 @@ INVALID = {
     "router_abstain_threshold": st.one_of(
         st.floats(min_value=1.0, exclude_min=True), st.floats(max_value=-1.0, exclude_max=True), st.text(max_size=3)
     ),
+    "router_abstain_spread": st.one_of(st.floats(max_value=0.0), st.just(float("nan")), st.text(max_size=3)),
     "orth_lambda": st.floats(max_value=-1e-9),
     "orth_norm": st.text(max_size=4).filter(lambda s: s not in ("fro", "l1")),
     "router_lambda": st.floats(max_value=-1e-9),

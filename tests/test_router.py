@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from peft_sparta import SpaRTAConfig
 from peft_sparta.routers import base, learned, prototype, spectral
 
 
@@ -59,6 +60,29 @@ def test_router_loss_pulls_keys_to_their_task():
         loss.backward()
         optimizer.step()
     assert (learned.key_scores(queries_b, keys.detach()).argmax(-1) == 1).all()
+
+
+def test_gates_abstain_below_every_task_floor_and_are_unchanged_above_one():
+    scores = torch.tensor([[0.95, 0.20], [0.85, 0.70], [0.50, 0.75]])
+    plain = base.gates_from_scores(scores, 0.1, None)
+    gates = base.gates_from_scores(scores, 0.1, None, floors=torch.tensor([0.9, 0.72]))
+    assert torch.equal(gates[[0, 2]], plain[[0, 2]]), "row 2 reaches task 1's floor though task 0 scores higher"
+    assert torch.equal(gates[1], torch.zeros(2))
+
+
+def test_prototype_floors_follow_each_task_spread():
+    """Each prototype's norm R is its n unit queries' mean similarity to it; the floor is 1 - spread * (1 - the
+    count-weighted mean of the unbiased sqrt((n R^2 - 1) / (n - 1))); single-query prototypes are left out."""
+    router = prototype.PrototypeRouter(SpaRTAConfig(target_modules=["q"], router_prototypes=2), "token", 2)
+    for _ in range(3):
+        router.add_task()
+    router.prototypes.copy_(torch.tensor([[[0.9, 0.0], [0.0, 0.8]], [[0.5, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0, 0]]]))
+    router.counts.copy_(torch.tensor([[3, 2], [5, 1], [1, 0]]))
+    rho = lambda n, norm: ((n * norm**2 - 1) / (n - 1)) ** 0.5  # noqa: E731
+    mean_similarity = torch.tensor([(3 * rho(3, 0.9) + 2 * rho(2, 0.8)) / 5, rho(5, 0.5)])
+    floors = router.score_floors(2.0)
+    torch.testing.assert_close(floors[:2], 1 - 2.0 * (1 - mean_similarity))
+    assert floors[2] == float("-inf"), "a task with single-query prototypes only has no floor"
 
 
 def test_gates_abstain_below_the_threshold_and_are_unchanged_above():

@@ -51,7 +51,7 @@ class Router(nn.Module):
     a training forward of the current task teaches the router's state), `loss` (a differentiable router loss) and
     `add_task` / `remove_task` / `frozen_parameters` for their state.
     The gates are a softmax over tasks of score / temperature, optionally restricted to the top k tasks and zeroed
-    for an input whose best score is under the abstain threshold.
+    for an input whose best score is under the abstain threshold or that reaches no task's floor (`score_floors`).
 
     ``config`` is read at every call (not copied), so settings changed on ``peft_config`` apply at once.
     """
@@ -110,9 +110,18 @@ class Router(nn.Module):
         return []
 
     def gates(self, scores: torch.Tensor) -> torch.Tensor:
-        """Gates (..., tasks) from scores under the configured temperature, top_k and abstain threshold."""
+        """Gates (..., tasks) from scores under the configured temperature, top_k, abstain threshold and per-task
+        floors."""
         config = self.config
-        return gates_from_scores(scores, config.router_temperature, config.top_k, config.router_abstain_threshold)
+        spread = config.router_abstain_spread
+        floors = None if spread is None else self.state_owner.score_floors(spread).to(scores.device)
+        return gates_from_scores(
+            scores, config.router_temperature, config.top_k, config.router_abstain_threshold, floors
+        )
+
+    def score_floors(self, spread: float) -> torch.Tensor:
+        """Each task's lowest score (tasks,) that still routes to it under ``router_abstain_spread`` = ``spread``."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-task score floor; use router='prototype'.")
 
     def route(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches, training: bool) -> Routing:
         """Which task branches to compute for ``x``, their gates and the router's loss.
@@ -144,7 +153,7 @@ class Router(nn.Module):
             return self.gates(self.scores(self.queries(x, context), branches))
         config = self.config
         key = (id(self.state_owner), len(branches), config.router_temperature, config.top_k,
-               config.router_abstain_threshold)  # fmt: skip
+               config.router_abstain_threshold, config.router_abstain_spread)  # fmt: skip
         gates = context.sequence_gates.get(key)
         if gates is None:
             gates = self.gates(self.scores(self.queries(x, context), branches))
@@ -157,22 +166,30 @@ class Router(nn.Module):
         return self
 
     def _is_constant(self, tasks: int) -> bool:
-        """A single task without an abstain threshold: every input goes to it with gate 1."""
-        return tasks == 1 and self.config.router_abstain_threshold is None
+        """A single task that no input abstains from: every input goes to it with gate 1."""
+        config = self.config
+        return tasks == 1 and config.router_abstain_threshold is None and config.router_abstain_spread is None
 
 
 def gates_from_scores(
-    scores: torch.Tensor, temperature: float, top_k: Optional[int], abstain_threshold: Optional[float] = None
+    scores: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int],
+    abstain_threshold: Optional[float] = None,
+    floors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Softmax over tasks of scores / temperature; with top_k, zero outside the k best tasks and renormalise; with
-    abstain_threshold, zero gates for every query whose best score is below it (no task branch for that input)."""
+    """Softmax over tasks of scores / temperature; with top_k, zero outside the k best tasks and renormalise. Zero
+    gates (no task branch for that input) for every query whose best score is below ``abstain_threshold``, and for
+    every query that reaches no task's floor (``floors``: (tasks,) lowest score that routes to each task)."""
+    routed = torch.ones_like(scores[..., :1], dtype=torch.bool)
+    if abstain_threshold is not None:
+        routed &= scores.amax(dim=-1, keepdim=True) >= abstain_threshold
+    if floors is not None:
+        routed &= (scores >= floors).any(dim=-1, keepdim=True)
     if top_k is not None and top_k < scores.shape[-1]:
         kth_best = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth_best, float("-inf"))
-    gates = torch.softmax(scores / temperature, dim=-1)
-    if abstain_threshold is None:
-        return gates
-    return gates * (scores.amax(dim=-1, keepdim=True) >= abstain_threshold)
+    return torch.softmax(scores / temperature, dim=-1) * routed
 
 
 def random_projection(source_dim: int, target_dim: int) -> torch.Tensor:

@@ -32,6 +32,21 @@ class PrototypeRouter(Router):
     def scores(self, queries: torch.Tensor, branches: Branches) -> torch.Tensor:
         return prototype_scores(queries, self.prototypes, self.counts)
 
+    def score_floors(self, spread: float) -> torch.Tensor:
+        """1 - spread * (1 - m_t) per task, m_t the mean cosine similarity of task t's queries to their prototypes.
+
+        A prototype is the exact mean of its n unit queries, so its norm R is their mean similarity to it; R is biased
+        upwards for small n (E[R^2] = rho^2 + (1 - rho^2) / n), so each prototype counts with the unbiased estimate
+        of rho, weighted by n. Prototypes of a single query say nothing of the spread and are left out; a task with
+        no other prototype has no floor (-inf: inputs are never kept from it)."""
+        counts = self.counts.float()
+        squared_norms = self.prototypes.float().pow(2).sum(dim=-1)
+        weights = counts * (counts >= 2)
+        unbiased = ((counts * squared_norms - 1) / (counts - 1).clamp(min=1)).clamp(0.0, 1.0).sqrt()
+        total = weights.sum(dim=-1)
+        mean_similarity = (unbiased * weights).sum(dim=-1) / total.clamp(min=1.0)
+        return (1.0 - spread * (1.0 - mean_similarity)).masked_fill(total == 0, float("-inf"))
+
     def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> None:
         queries = self.state_queries(x, self.queries(x, context), context)
         update_prototypes(self.prototypes[-1], self.counts[-1], queries)
