@@ -37,6 +37,11 @@ RUN_TIME_FIELDS = frozenset(
     ]
 )
 
+#: The per-task floor's k of ``router_abstain_spread="auto"``: the largest of the k that the benchmark's calibration
+#: splits choose (benchmarks/router_alternatives.py), each the k that abstains most on unrelated calibration text
+#: while keeping 99% of the calibration task prompts.
+DEFAULT_ABSTAIN_SPREAD = 2.5
+
 RouterName = Literal["prototype", "learned", "spectral", "components"]
 TaskBranches = Literal["per_task", "shared"]
 Granularity = Literal["auto", "token", "sequence"]
@@ -109,13 +114,15 @@ class SpaRTAConfig(PeftConfig):
             some task. The right value depends on the data: measure your tasks' scores and those of text that should
             abstain with `peft_sparta.continual.RoutingRecorder(model, quantity="scores")` (README: "Inputs that
             resemble no task").
-        router_abstain_spread (`float`, *optional*):
+        router_abstain_spread (`float` or `"auto"`, *optional*, defaults to `"auto"`):
             Prototype router: at inference, an input abstains (base model and shared branch only) when its best
             similarity to every task is below that task's own floor, 1 - k * (1 - m), where m is the mean similarity
             of the task's training queries to their prototypes (the spread of its prototypes) and k is this value.
             Unlike ``router_abstain_threshold`` the floor needs no data besides the training run, and it follows each
             task's own spread: a task whose prompts vary keeps a lower floor than a task whose prompts are alike.
-            None: no per-task floor.
+            "auto": `DEFAULT_ABSTAIN_SPREAD` for the prototype router under sequence routing, where the benchmark's
+            calibration splits chose it (README: "Inputs that resemble no task"), and no floor otherwise (token
+            routing, other routers). None: no floor.
         orth_lambda (`float`, *optional*, defaults to `0.5`):
             Weight of the orthogonality loss between the current task branch, the shared branch and old branches.
         orth_norm (`str`, *optional*, defaults to `"fro"`):
@@ -219,11 +226,12 @@ class SpaRTAConfig(PeftConfig):
             "branch (base model + shared branch only); None routes every input to some task."
         },
     )
-    router_abstain_spread: Optional[float] = field(
-        default=None,
+    router_abstain_spread: Optional[Union[float, Literal["auto"]]] = field(
+        default="auto",
         metadata={
             "help": "Prototype router: at inference, inputs below every task's floor 1 - k * (1 - mean training "
-            "similarity to its prototypes), k this value, use no task branch; None: no per-task floor."
+            "similarity to its prototypes), k this value, use no task branch. 'auto': DEFAULT_ABSTAIN_SPREAD for "
+            "the prototype router under sequence routing, none otherwise; None: no per-task floor."
         },
     )
     orth_lambda: float = field(default=0.5, metadata={"help": "Weight of the orthogonality loss."})
@@ -400,9 +408,11 @@ class SpaRTAConfig(PeftConfig):
 
     def _validate_abstain_spread(self) -> None:
         """The per-task floor reads the spread of the prototype router's prototypes, which other routers lack."""
-        if self.router_abstain_spread is None:
+        spread = self.router_abstain_spread
+        if spread is None or (isinstance(spread, str) and spread == "auto"):
             return
-        _check_positive("router_abstain_spread", self.router_abstain_spread)
+        if not _is_finite_number(spread) or not spread > 0:
+            raise ValueError(f"router_abstain_spread must be a finite number > 0, 'auto' or None, got {spread!r}.")
         if self.router != "prototype":
             raise ValueError(
                 f"router_abstain_spread sets each task's floor from the spread of its prototypes, which only "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -135,3 +136,37 @@ def test_spread_over_runs_known_answers_and_output(spread_script, tmp_path):
     assert bwt["mean"] == pytest.approx(-0.2) and "routing_accuracy" not in saved["summary"]["a"]
     assert saved["runs"][str(paths[1])] == [{"commit": "y"}]
     assert "0.600 ± 0.100 (0.500 to 0.700)" in (tmp_path / "spread.md").read_text()
+
+
+@pytest.fixture
+def router_alternatives(monkeypatch):
+    yield _load_script(monkeypatch, "router_alternatives")
+    for name in ("common", "continual"):
+        sys.modules.pop(name, None)
+
+
+def test_router_alternatives_choose_the_most_abstaining_spread_within_the_task_budget(router_alternatives):
+    def row(tasks: float, text: float) -> dict:
+        return {"abstained": {"calibration_tasks": tasks, "calibration_text": text}}
+
+    rows = {
+        "spread 2": row(0.05, 1.0),
+        "spread 2.5": row(0.01, 0.9),
+        "spread 3": row(0.0, 0.9),
+        "spread 4": row(0, 0.5),
+    }
+    assert router_alternatives.choose_spread(rows) == 2.5, "2 abstains on too many task prompts; 2.5 ties 3, smaller"
+    assert router_alternatives.choose_spread({"spread 2": row(0.5, 1.0)}) is None
+    gates = torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.25, 0.25]])
+    assert router_alternatives.abstained_mass(gates) == pytest.approx(0.5)
+
+
+def test_router_alternatives_calibration_split_holds_fresh_prompts_only(router_alternatives):
+    args = router_alternatives.parse(["--suite", "minilm", "--calibration-per-task", "8"])
+    tasks, *_ = router_alternatives.build_suite(router_alternatives.suite_arguments(args, args.seed))
+    split = router_alternatives.calibration_split(args, tasks)
+    used = {example.text for task in tasks for example in task.train + task.test}
+    assert [task.name for task in split] == [task.name for task in tasks]
+    for task, fresh in zip(tasks, split):
+        assert len(fresh.test) == 8 and not used & {example.text for example in fresh.test}
+        assert {example.target for example in fresh.test} <= set(task.labels) and not fresh.train

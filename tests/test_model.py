@@ -434,7 +434,9 @@ def _abstain_probe_inputs():
 def test_router_abstains_on_inputs_near_no_task(r_shared):
     """Inputs far from every task's prototypes get no task branch (base + shared only); task inputs still route."""
     task_a, task_b, unrelated = _abstain_probe_inputs()
-    model = sparta(tiny_llama(), r_shared=r_shared, task_names=["a"], router_abstain_threshold=0.6)
+    model = sparta(
+        tiny_llama(), r_shared=r_shared, task_names=["a"], router_abstain_threshold=0.6, router_abstain_spread=None
+    )
     train_steps(model, task_a, steps=2, lr=5e-2)
     model.add_task("b")
     train_steps(model, task_b, steps=2, lr=5e-2)
@@ -490,7 +492,9 @@ def test_router_abstains_below_every_task_floor_from_its_spread():
 
 def test_router_abstains_with_a_single_task():
     task_a, _, unrelated = _abstain_probe_inputs()
-    model = sparta(tiny_llama(), r_shared=0, task_names=["a"], router_abstain_threshold=0.6)
+    model = sparta(
+        tiny_llama(), r_shared=0, task_names=["a"], router_abstain_threshold=0.6, router_abstain_spread=None
+    )
     train_steps(model, task_a, steps=2, lr=5e-2)
     with model.disable_adapter():
         base_unrelated, base_task = logits(model, unrelated), logits(model, task_a)

@@ -4,6 +4,7 @@ import torch
 from torch.nn import functional as F
 
 from peft_sparta import SpaRTAConfig
+from peft_sparta.config import DEFAULT_ABSTAIN_SPREAD
 from peft_sparta.routers import base, learned, prototype, spectral
 
 
@@ -91,3 +92,14 @@ def test_gates_abstain_below_the_threshold_and_are_unchanged_above():
     gates = base.gates_from_scores(scores, 0.1, None, abstain_threshold=0.9)
     assert torch.equal(gates[[0, 2]], plain[[0, 2]])
     assert torch.equal(gates[1], torch.zeros(2))
+
+
+def test_auto_abstain_spread_is_the_default_under_sequence_prototype_routing_only():
+    def spread(granularity="sequence", **kwargs):
+        config = SpaRTAConfig(target_modules=["q"], **kwargs)
+        return prototype.PrototypeRouter(config, granularity, 4).abstain_spread
+
+    assert spread() == DEFAULT_ABSTAIN_SPREAD
+    assert spread("token") is None, "the calibration splits chose the default under sequence routing"
+    assert spread(router_abstain_spread=None) is None and spread("token", router_abstain_spread=3.0) == 3.0
+    assert spread(router="learned") is None

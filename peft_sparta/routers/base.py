@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config import DEFAULT_ABSTAIN_SPREAD
 from .context import RoutingContext
 
 
@@ -113,11 +114,21 @@ class Router(nn.Module):
         """Gates (..., tasks) from scores under the configured temperature, top_k, abstain threshold and per-task
         floors."""
         config = self.config
-        spread = config.router_abstain_spread
+        spread = self.abstain_spread
         floors = None if spread is None else self.state_owner.score_floors(spread).to(scores.device)
         return gates_from_scores(
             scores, config.router_temperature, config.top_k, config.router_abstain_threshold, floors
         )
+
+    @property
+    def abstain_spread(self) -> Optional[float]:
+        """``router_abstain_spread`` with "auto" resolved: `DEFAULT_ABSTAIN_SPREAD` for the prototype router under
+        sequence routing, where the benchmark's calibration splits chose it; no floor otherwise."""
+        spread = self.config.router_abstain_spread
+        if spread != "auto":
+            return spread
+        chosen = self.config.router == "prototype" and self.granularity == "sequence"
+        return DEFAULT_ABSTAIN_SPREAD if chosen else None
 
     def score_floors(self, spread: float) -> torch.Tensor:
         """Each task's lowest score (tasks,) that still routes to it under ``router_abstain_spread`` = ``spread``."""
@@ -153,7 +164,7 @@ class Router(nn.Module):
             return self.gates(self.scores(self.queries(x, context), branches))
         config = self.config
         key = (id(self.state_owner), len(branches), config.router_temperature, config.top_k,
-               config.router_abstain_threshold, config.router_abstain_spread)  # fmt: skip
+               config.router_abstain_threshold, self.abstain_spread)  # fmt: skip
         gates = context.sequence_gates.get(key)
         if gates is None:
             gates = self.gates(self.scores(self.queries(x, context), branches))
@@ -168,7 +179,7 @@ class Router(nn.Module):
     def _is_constant(self, tasks: int) -> bool:
         """A single task that no input abstains from: every input goes to it with gate 1."""
         config = self.config
-        return tasks == 1 and config.router_abstain_threshold is None and config.router_abstain_spread is None
+        return tasks == 1 and config.router_abstain_threshold is None and self.abstain_spread is None
 
 
 def gates_from_scores(

@@ -13,6 +13,9 @@ from .base import Branches, Router
 from .context import RoutingContext
 
 
+#: How far below 1 a task's floor stays at most (see `PrototypeRouter.score_floors`).
+FLOOR_TOLERANCE = 1e-4
+
 #: Score of a task that has no prototype yet: below any cosine similarity, so it never wins against a real task.
 EMPTY_TASK_SCORE = -2.0
 
@@ -38,14 +41,16 @@ class PrototypeRouter(Router):
         A prototype is the exact mean of its n unit queries, so its norm R is their mean similarity to it; R is biased
         upwards for small n (E[R^2] = rho^2 + (1 - rho^2) / n), so each prototype counts with the unbiased estimate
         of rho, weighted by n. Prototypes of a single query say nothing of the spread and are left out; a task with
-        no other prototype has no floor (-inf: inputs are never kept from it)."""
+        no other prototype has no floor (-inf: inputs are never kept from it). A floor stays `FLOOR_TOLERANCE` below
+        1, so that a task trained on repeats of the same prompts still takes those prompts despite rounding."""
         counts = self.counts.float()
         squared_norms = self.prototypes.float().pow(2).sum(dim=-1)
         weights = counts * (counts >= 2)
         unbiased = ((counts * squared_norms - 1) / (counts - 1).clamp(min=1)).clamp(0.0, 1.0).sqrt()
         total = weights.sum(dim=-1)
         mean_similarity = (unbiased * weights).sum(dim=-1) / total.clamp(min=1.0)
-        return (1.0 - spread * (1.0 - mean_similarity)).masked_fill(total == 0, float("-inf"))
+        floors = (1.0 - spread * (1.0 - mean_similarity)).clamp(max=1.0 - FLOOR_TOLERANCE)
+        return floors.masked_fill(total == 0, float("-inf"))
 
     def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> None:
         queries = self.state_queries(x, self.queries(x, context), context)
