@@ -34,12 +34,16 @@ import peft_sparta  # noqa: F401, E402
 from peft_sparta.benchmark import suites  # noqa: E402
 from peft_sparta.benchmark.baselines import make_method  # noqa: E402
 from peft_sparta.benchmark.suites import Task  # noqa: E402
-from peft_sparta.continual import ContinualArguments, RoutingRecorder, abstain_threshold, train_sequence  # noqa: E402
+from peft_sparta.continual import (  # noqa: E402
+    ContinualArguments,
+    RoutingRecorder,
+    abstain_threshold,
+    choose_spread,
+    train_sequence,
+)
+from peft_sparta.continual.calibration import SPREADS  # noqa: E402
 from peft_sparta.continual.driver import _candidates, _held_out_candidates  # noqa: E402
 
-
-#: The per-task floor's k values the calibration split chooses from (see `choose_spread`).
-SPREADS = (2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 
 #: Most of the calibration task prompts' router mass a floor may take away (abstaining costs task accuracy).
 MAX_TASK_ABSTAIN = 0.01
@@ -150,15 +154,17 @@ def measure(model, harness, tasks, held_out, calibration, reference) -> dict:
     }
 
 
-def choose_spread(rows: dict[str, dict]) -> float | None:
-    """The smallest k (most abstention) whose floors take at most `MAX_TASK_ABSTAIN` of the calibration task
-    prompts' router mass, the one with most calibration text abstaining among equals; None if no k qualifies."""
-    candidates = [
-        (row["abstained"]["calibration_text"], -k, k)
-        for k in SPREADS
-        if (row := rows.get(f"spread {k:g}")) and row["abstained"]["calibration_tasks"] <= MAX_TASK_ABSTAIN
-    ]
-    return max(candidates)[2] if candidates else None
+def chosen_spread(rows: dict[str, dict]) -> float | None:
+    """`choose_spread` from the calibration split's abstaining shares of the spread rows."""
+    shares = {
+        row["setting"]["router_abstain_spread"]: (
+            row["abstained"]["calibration_tasks"],
+            row["abstained"]["calibration_text"],
+        )
+        for name, row in rows.items()
+        if name.startswith("spread ") and "," not in name
+    }
+    return choose_spread(shares, MAX_TASK_ABSTAIN)
 
 
 def run(args) -> dict:
@@ -195,7 +201,7 @@ def run(args) -> dict:
         "held_out": [task.name for task in held_out],
         "unseen_base_accuracy": result.unseen_base_accuracy,
         "calibration_sizes": [len(task.test) for task in calibration],
-        "chosen_spread": choose_spread(rows),
+        "chosen_spread": chosen_spread(rows),
         "rows": rows,
     }
 

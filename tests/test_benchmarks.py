@@ -145,18 +145,14 @@ def router_alternatives(monkeypatch):
         sys.modules.pop(name, None)
 
 
-def test_router_alternatives_choose_the_most_abstaining_spread_within_the_task_budget(router_alternatives):
-    def row(tasks: float, text: float) -> dict:
-        return {"abstained": {"calibration_tasks": tasks, "calibration_text": text}}
+def test_router_alternatives_choose_the_spread_from_the_calibration_shares_of_the_spread_rows(router_alternatives):
+    def row(k: float, tasks: float, text: float) -> dict:
+        setting = {"router_abstain_spread": k}
+        return {"setting": setting, "abstained": {"calibration_tasks": tasks, "calibration_text": text}}
 
-    rows = {
-        "spread 2": row(0.05, 1.0),
-        "spread 2.5": row(0.01, 0.9),
-        "spread 3": row(0.0, 0.9),
-        "spread 4": row(0, 0.5),
-    }
-    assert router_alternatives.choose_spread(rows) == 2.5, "2 abstains on too many task prompts; 2.5 ties 3, smaller"
-    assert router_alternatives.choose_spread({"spread 2": row(0.5, 1.0)}) is None
+    rows = {"spread 2": row(2.0, 0.05, 1.0), "spread 2.5": row(2.5, 0.01, 0.9), "spread 4": row(4.0, 0.0, 0.5),
+            "spread 3, top_k 1": row(3.0, 0.0, 1.0)}  # fmt: skip
+    assert router_alternatives.chosen_spread(rows) == 2.5, "2 abstains on too many task prompts; combined rows ignored"
     gates = torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.25, 0.25]])
     assert router_alternatives.abstained_mass(gates) == pytest.approx(0.5)
 

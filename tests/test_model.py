@@ -8,6 +8,7 @@ from peft import get_peft_model
 from torch.nn import functional as F
 
 from peft_sparta import SpaRTAConfig, SpaRTALayer
+from peft_sparta.continual import calibrate_abstain_spread
 from peft_sparta.routers import PrototypeRouter, Router
 from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -488,6 +489,32 @@ def test_router_abstains_below_every_task_floor_from_its_spread():
     abstaining = logits(model, unrelated)
     model.peft_config["default"].router_abstain_spread = None
     assert not torch.allclose(logits(model, unrelated), abstaining), "without the floors a task branch acts"
+
+
+def test_calibrated_abstain_spread_keeps_task_inputs_and_abstains_on_unrelated_ones():
+    generator = torch.Generator().manual_seed(11)
+    draw = lambda low, rows: torch.randint(low, low + 12, (rows, 10), generator=generator)  # noqa: E731
+    model = sparta(tiny_llama(), task_names=["a"], router_prototypes=2)
+    train_steps(model, draw(0, 32), steps=2, lr=5e-2)
+    model.add_task("b")
+    train_steps(model, draw(85, 32), steps=2, lr=5e-2)
+    tasks = [{"input_ids": draw(0, 8)}, {"input_ids": draw(85, 8)}]
+    unrelated = [{"input_ids": torch.randint(40, 60, (8, 10), generator=generator)}]
+    spread = calibrate_abstain_spread(model, tasks, unrelated, max_task_abstain=0.1)
+    assert spread is not None
+    model.peft_config["default"].router_abstain_spread = spread
+    layer = sparta_layers(model)[0]
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
+    kept = []
+    for batch in [*tasks, *unrelated]:
+        model(**batch)
+        kept.append((layer.router_gates("default", captured["x"]).flatten(0, -2).amax(-1) > 0).float().mean())
+    hook.remove()
+    assert kept[0] >= 0.9 and kept[1] >= 0.9 and kept[2] <= 0.25
+    token = sparta(tiny_llama(), task_names=["a"], router_granularity="token")
+    with pytest.raises(ValueError, match="sequence routing"):
+        calibrate_abstain_spread(token, tasks, unrelated)
 
 
 def test_router_abstains_with_a_single_task():

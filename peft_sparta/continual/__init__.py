@@ -8,7 +8,13 @@ The methods, suites and offline models of the benchmark are in `peft_sparta.benc
 from __future__ import annotations
 
 from ..routers.recorder import RoutingRecorder
-from .calibration import abstain_threshold, best_router_scores, calibrate_abstain_threshold
+from .calibration import (
+    abstain_threshold,
+    best_router_scores,
+    calibrate_abstain_spread,
+    calibrate_abstain_threshold,
+    choose_spread,
+)
 from .driver import ContinualArguments, ContinualResult, train_sequence
 from .harness import CausalLMHarness, EmbeddingClassificationHarness, Harness
 from .methods import Method, SpaRTAMethod
@@ -28,7 +34,9 @@ __all__ = [
     "average_accuracy",
     "backward_transfer",
     "best_router_scores",
+    "calibrate_abstain_spread",
     "calibrate_abstain_threshold",
+    "choose_spread",
     "forward_transfer",
     "learning_accuracy",
     "train_sequence",

@@ -1,5 +1,5 @@
-"""Choosing ``router_abstain_threshold`` from data that is not scored: held-out prompts of the trained tasks and
-unrelated text, each fed to the model exactly as at inference."""
+"""Choosing ``router_abstain_threshold`` or ``router_abstain_spread`` from data that is not scored: held-out prompts
+of the trained tasks and unrelated text, each fed to the model exactly as at inference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from collections.abc import Iterable
 
 import torch
 
+from ..layer import sparta_layers
 from ..routers.recorder import RoutingRecorder
+
+
+#: The k values of ``router_abstain_spread`` that `calibrate_abstain_spread` chooses from.
+SPREADS = (2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 
 
 @torch.no_grad()
@@ -35,3 +40,44 @@ def calibrate_abstain_threshold(
     """`abstain_threshold` of the best router scores of held-out task inputs and unrelated inputs."""
     task_scores = best_router_scores(model, task_batches)
     return abstain_threshold(task_scores, best_router_scores(model, unrelated_batches), margin)
+
+
+def choose_spread(abstained: dict[float, tuple[float, float]], max_task_abstain: float = 0.01) -> float | None:
+    """From each k's (share of task inputs, share of unrelated inputs) that abstain, the k that abstains most on
+    unrelated inputs among those that keep all but ``max_task_abstain`` of the task inputs; among equals the largest
+    k, which leaves task inputs the widest margin. None when no k keeps the task inputs."""
+    candidates = [(unrelated, k) for k, (task, unrelated) in abstained.items() if task <= max_task_abstain]
+    return max(candidates)[1] if candidates else None
+
+
+@torch.no_grad()
+def calibrate_abstain_spread(
+    model,
+    task_batches: Iterable[dict],
+    unrelated_batches: Iterable[dict],
+    spreads: Iterable[float] = SPREADS,
+    max_task_abstain: float = 0.01,
+    adapter_name: str = "default",
+) -> float | None:
+    """`choose_spread` over ``spreads`` from held-out task inputs and unrelated inputs: the ``router_abstain_spread``
+    for a prototype router under sequence routing (each input's task scores are then the same in every layer)."""
+    router = sparta_layers(model)[0].router(adapter_name).state_owner
+    if router.config.router != "prototype" or router.granularity != "sequence":
+        raise ValueError(
+            "calibrate_abstain_spread needs the prototype router under sequence routing (router='prototype', "
+            f"router_granularity 'sequence' or 'auto'); this adapter routes with {router.config.router!r} per "
+            f"{router.granularity}. Use calibrate_abstain_threshold instead."
+        )
+    model.eval()
+    scores = []
+    for batches in (task_batches, unrelated_batches):
+        with RoutingRecorder(model, adapter_name, quantity="scores") as recorder:
+            for batch in batches:
+                model(**batch)
+        scores.append(recorder.take())
+
+    def abstaining(group: torch.Tensor, spread: float) -> float:
+        return float((group < router.score_floors(spread).to(group.device)).all(dim=-1).float().mean())
+
+    abstained = {k: (abstaining(scores[0], k), abstaining(scores[1], k)) for k in spreads}
+    return choose_spread(abstained, max_task_abstain)
