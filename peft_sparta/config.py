@@ -37,10 +37,10 @@ RUN_TIME_FIELDS = frozenset(
     ]
 )
 
-#: The per-task floor's k of ``router_abstain_spread="auto"``: the largest of the k that the benchmark's calibration
-#: splits choose (benchmarks/router_alternatives.py), each the k that abstains most on unrelated calibration text
-#: while keeping 99% of the calibration task prompts.
-DEFAULT_ABSTAIN_SPREAD = 2.5
+#: The per-task floor's k of ``router_abstain_spread="auto"``, chosen on the calibration splits of the benchmark's
+#: four offline suites (benchmarks/router_alternatives.py, never on scored data): of the k that keep 99% of every
+#: suite's calibration task prompts (suite b needs k >= 6), the one that abstains most on their unrelated text.
+DEFAULT_ABSTAIN_SPREAD = 6.0
 
 RouterName = Literal["prototype", "learned", "spectral", "components"]
 TaskBranches = Literal["per_task", "shared"]
