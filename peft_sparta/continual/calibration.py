@@ -16,13 +16,18 @@ SPREADS = (2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 
 
 @torch.no_grad()
-def best_router_scores(model, batches: Iterable[dict]) -> torch.Tensor:
-    """Each input's best router score over the tasks (inputs,), from model-input batches (``input_ids``, ...)."""
+def router_scores(model, batches: Iterable[dict], adapter_name: str | None = None) -> torch.Tensor:
+    """Each input's router score per task (inputs, tasks), from model-input batches (``input_ids``, ...)."""
     model.eval()
-    with RoutingRecorder(model, quantity="scores") as recorder:
+    with RoutingRecorder(model, adapter_name, quantity="scores") as recorder:
         for batch in batches:
             model(**batch)
-    return recorder.take().amax(dim=-1)
+    return recorder.take()
+
+
+def best_router_scores(model, batches: Iterable[dict]) -> torch.Tensor:
+    """Each input's best router score over the tasks (inputs,), from model-input batches (``input_ids``, ...)."""
+    return router_scores(model, batches).amax(dim=-1)
 
 
 def abstain_threshold(task_scores: torch.Tensor, unrelated_scores: torch.Tensor, margin: float = 0.0) -> float | None:
@@ -50,7 +55,6 @@ def choose_spread(abstained: dict[float, tuple[float, float]], max_task_abstain:
     return max(candidates)[1] if candidates else None
 
 
-@torch.no_grad()
 def calibrate_abstain_spread(
     model,
     task_batches: Iterable[dict],
@@ -68,13 +72,7 @@ def calibrate_abstain_spread(
             f"router_granularity 'sequence' or 'auto'); this adapter routes with {router.config.router!r} per "
             f"{router.granularity}. Use calibrate_abstain_threshold instead."
         )
-    model.eval()
-    scores = []
-    for batches in (task_batches, unrelated_batches):
-        with RoutingRecorder(model, adapter_name, quantity="scores") as recorder:
-            for batch in batches:
-                model(**batch)
-        scores.append(recorder.take())
+    scores = [router_scores(model, batches, adapter_name) for batches in (task_batches, unrelated_batches)]
 
     def abstaining(group: torch.Tensor, spread: float) -> float:
         return float((group < router.score_floors(spread).to(group.device)).all(dim=-1).float().mean())
