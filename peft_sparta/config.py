@@ -27,6 +27,7 @@ RUN_TIME_FIELDS = frozenset(
         "router_temperature",
         "router_abstain_threshold",
         "router_abstain_spread",
+        "router_metric",
         "top_k",
         "orth_lambda",
         "router_lambda",
@@ -43,6 +44,7 @@ RUN_TIME_FIELDS = frozenset(
 DEFAULT_ABSTAIN_SPREAD = 6.0
 
 RouterName = Literal["prototype", "learned", "spectral", "components"]
+RouterMetric = Literal["auto", "cosine", "discriminant"]
 TaskBranches = Literal["per_task", "shared"]
 Granularity = Literal["auto", "token", "sequence"]
 SharedUpdate = Literal["train", "freeze_after_first"]
@@ -123,6 +125,17 @@ class SpaRTAConfig(PeftConfig):
             "auto": `DEFAULT_ABSTAIN_SPREAD` for the prototype router under sequence routing, where the benchmark's
             calibration splits chose it (README: "Inputs that resemble no task"), and no floor otherwise (token
             routing, other routers). None: no floor.
+        router_metric (`str`, *optional*, defaults to `"auto"`):
+            How the prototype router compares a query with the prototypes when it chooses among tasks (the gates'
+            softmax and top_k). "cosine": cosine similarity. "discriminant": cosine similarity after centring on the
+            tasks' mean and whitening by the spread of each task's prototypes around its own mean (shrunk towards
+            the identity), as in linear discriminant analysis: what a task's own prompts vary in (names, numbers,
+            topic words) counts less than what tells tasks apart, so prompts that differ in one instruction word
+            route apart. It is computed from the prototypes alone (nothing more is stored) once per change of them,
+            and costs one triangular solve per query. Abstaining (``router_abstain_threshold``,
+            ``router_abstain_spread``) always compares the plain cosine similarity. "auto": "discriminant" for the
+            prototype router under sequence routing, "cosine" otherwise (under token routing the solve would run for
+            every token of every layer).
         orth_lambda (`float`, *optional*, defaults to `0.5`):
             Weight of the orthogonality loss between the current task branch, the shared branch and old branches.
         orth_norm (`str`, *optional*, defaults to `"fro"`):
@@ -232,6 +245,15 @@ class SpaRTAConfig(PeftConfig):
             "help": "Prototype router: at inference, inputs below every task's floor 1 - k * (1 - mean training "
             "similarity to its prototypes), k this value, use no task branch. 'auto': DEFAULT_ABSTAIN_SPREAD for "
             "the prototype router under sequence routing, none otherwise; None: no per-task floor."
+        },
+    )
+    router_metric: RouterMetric = field(
+        default="auto",
+        metadata={
+            "help": "Prototype router: how a query is compared with the prototypes to choose among tasks. 'cosine', "
+            "or 'discriminant' (cosine after centring on the tasks' mean and whitening by each task's own spread, "
+            "so that what separates tasks counts more than what varies within one); abstaining always uses the "
+            "cosine. 'auto': 'discriminant' under sequence routing, 'cosine' under token routing."
         },
     )
     orth_lambda: float = field(default=0.5, metadata={"help": "Weight of the orthogonality loss."})
@@ -381,6 +403,12 @@ class SpaRTAConfig(PeftConfig):
         if self.router_abstain_threshold is not None:
             _check_cosine("router_abstain_threshold", self.router_abstain_threshold)
         self._validate_abstain_spread()
+        _check_choice("router_metric", self.router_metric, get_args(RouterMetric))
+        if self.router_metric == "discriminant" and self.router != "prototype":
+            raise ValueError(
+                f"router_metric='discriminant' whitens by the spread of the prototype router's prototypes, which "
+                f"router={self.router!r} lacks; use router='prototype' or router_metric='auto'."
+            )
         _check_non_negative("orth_lambda", self.orth_lambda)
         _check_choice("orth_norm", self.orth_norm, NORMS)
         _check_non_negative("router_lambda", self.router_lambda)

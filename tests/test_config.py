@@ -39,6 +39,7 @@ def test_defaults():
         ("router_abstain_threshold", True),
         ("router_abstain_spread", 0.0),
         ("router_abstain_spread", float("inf")),
+        ("router_metric", "euclidean"),
         ("orth_lambda", -1.0),
         ("orth_norm", "l2"),
         ("router_lambda", -0.5),
@@ -74,6 +75,15 @@ def test_every_field_has_help():
     for field in fields(SpaRTAConfig):
         if field.name in own:
             assert field.metadata.get("help"), f"{field.name} has no help text"
+
+
+def test_discriminant_metric_needs_the_prototype_router_also_when_set_at_run_time():
+    with pytest.raises(ValueError, match="router_metric='discriminant'.*router='prototype'"):
+        SpaRTAConfig(target_modules=["q_proj"], router="learned", router_metric="discriminant")
+    config = SpaRTAConfig(target_modules=["q_proj"], router="learned")
+    with pytest.raises(ValueError, match="router_metric"):
+        config.router_metric = "discriminant"
+    assert config.router_metric == "auto"
 
 
 def test_abstain_spread_needs_the_prototype_router():

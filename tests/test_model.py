@@ -224,7 +224,7 @@ def test_sequence_routing_scores_each_input_once_per_forward_and_gives_each_laye
     assert len(calls) == 1, "every adapted layer shares the adapter's sequence routing"
 
     def decide_per_layer(self, x, context, branches):
-        return self.gates(self.scores(self.queries(x, context), branches))
+        return self.gates(self.queries(x, context), branches)
 
     monkeypatch.setattr(Router, "decide", decide_per_layer)
     routed_per_layer = logits(model, mixed)

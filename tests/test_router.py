@@ -103,3 +103,102 @@ def test_auto_abstain_spread_is_the_default_under_sequence_prototype_routing_onl
     assert spread("token") is None, "the calibration splits chose the default under sequence routing"
     assert spread(router_abstain_spread=None) is None and spread("token", router_abstain_spread=3.0) == 3.0
     assert spread(router="learned") is None
+
+
+def _instruction_like_queries(generator, tasks: int, per_task: int, dim: int = 48):
+    """Unit queries of prompts that share a template, differ by one weak task word, and carry strong fillers drawn
+    from one pool for every task (names, cities): the mean embedding of such prompts, as in the translation suite."""
+    template = torch.randn(dim, generator=generator)
+    task_words = 0.5 * torch.randn(tasks, dim, generator=generator)
+    fillers = torch.randn(12, dim, generator=generator)
+    picks = torch.randint(0, 12, (tasks, per_task, 2), generator=generator)
+    queries = template + task_words.unsqueeze(1) + fillers[picks].sum(dim=2)
+    return F.normalize(queries, dim=-1)
+
+
+def _trained_prototype_router(metric: str, train: torch.Tensor) -> prototype.PrototypeRouter:
+    config = SpaRTAConfig(target_modules=["q"], router_prototypes=4, router_metric=metric)
+    router = prototype.PrototypeRouter(config, "sequence", train.shape[-1])
+    for queries in train:
+        router.add_task()
+        prototype.update_prototypes(router.prototypes[-1], router.counts[-1], queries)
+    return router
+
+
+def test_discriminant_metric_routes_prompts_that_differ_in_one_word_where_cosine_fails():
+    generator = torch.Generator().manual_seed(0)
+    queries = _instruction_like_queries(generator, tasks=3, per_task=160)
+    train, test = queries[:, :128], queries[:, 128:]
+    expected = torch.arange(3).repeat_interleave(test.shape[1])
+    accuracy = {}
+    for metric in ("cosine", "discriminant"):
+        router = _trained_prototype_router(metric, train)
+        gates = router.gates(test.reshape(-1, test.shape[-1]), [None] * 3)
+        accuracy[metric] = (gates.argmax(-1) == expected).float().mean().item()
+    assert accuracy["discriminant"] >= 0.95 and accuracy["cosine"] <= 0.8, accuracy
+
+
+def test_abstaining_compares_the_scores_and_the_choice_among_tasks_the_choice_scores():
+    scores = torch.tensor([[0.95, 0.90], [0.50, 0.40]])
+    choice = torch.tensor([[-0.2, 0.6], [0.9, 0.1]])
+    gates = base.gates_from_scores(scores, 0.1, None, abstain_threshold=0.8, choice_scores=choice)
+    torch.testing.assert_close(gates[0], torch.softmax(choice[0] / 0.1, dim=-1))
+    assert torch.equal(gates[1], torch.zeros(2)), "the input below the threshold abstains whatever its choice scores"
+    top_one = base.gates_from_scores(scores, 0.1, 1, choice_scores=choice)
+    assert top_one.argmax(-1).tolist() == [1, 0]
+
+
+def test_discriminant_transform_whitens_the_within_task_spread_and_centres_on_the_task_means():
+    prototypes = torch.tensor([[[1.0, -0.5, 0.1], [1.0, 0.5, 0.1]], [[1.0, -0.5, -0.1], [1.0, 0.5, -0.1]]])
+    counts = torch.tensor([[2, 2], [1, 3]])
+    centre, factor = prototype.discriminant_transform(prototypes, counts, shrinkage=0.5)
+    task_means = torch.tensor([[1.0, 0.0, 0.1], [1.0, 0.25, -0.1]])
+    torch.testing.assert_close(centre, task_means.mean(0))
+    scatter = torch.zeros(3, 3)
+    for task in range(2):
+        for row in range(2):
+            deviation = prototypes[task, row] - task_means[task]
+            scatter += counts[task, row] * torch.outer(deviation, deviation)
+    scatter /= counts.sum()
+    covariance = scatter + 0.5 * scatter.trace() / 3 * torch.eye(3)
+    torch.testing.assert_close(factor @ factor.T, covariance)
+    whitened = prototype.whiten(prototypes, centre, factor)
+    torch.testing.assert_close(
+        whitened @ whitened.transpose(-1, -2),
+        (prototypes - centre) @ covariance.inverse() @ (prototypes - centre).transpose(-1, -2),
+    )
+
+
+def test_whitened_prototypes_are_computed_again_when_the_prototypes_change():
+    generator = torch.Generator().manual_seed(1)
+    queries = _instruction_like_queries(generator, tasks=3, per_task=40)
+    router = _trained_prototype_router("discriminant", queries[:2])
+
+    def assert_current():
+        centre, factor = prototype.discriminant_transform(router.prototypes, router.counts)
+        cached_centre, cached_factor, whitened = router.whitened_prototypes()
+        torch.testing.assert_close(cached_factor, factor, rtol=0, atol=0)
+        torch.testing.assert_close(whitened, prototype.whiten(router.prototypes, centre, factor), rtol=0, atol=0)
+
+    assert_current()
+    router.add_task()
+    prototype.update_prototypes(router.prototypes[-1], router.counts[-1], queries[2])
+    assert_current()
+    router.load_state_dict({"prototypes": router.prototypes.flip(0), "counts": router.counts.flip(0)})
+    assert_current()
+    router.remove_task(0)
+    assert_current()
+
+
+def test_auto_metric_is_discriminant_under_sequence_prototype_routing_only():
+    def metric(granularity="sequence", **kwargs):
+        config = SpaRTAConfig(target_modules=["q"], **kwargs)
+        router_class = learned.LearnedRouter if kwargs.get("router") == "learned" else prototype.PrototypeRouter
+        return router_class(config, granularity, 4).metric
+
+    assert metric() == "discriminant"
+    assert metric("token") == "cosine", "under token routing the solve would run for every token of every layer"
+    assert metric(router="learned") == "cosine"
+    assert (
+        metric("token", router_metric="discriminant") == "discriminant" and metric(router_metric="cosine") == "cosine"
+    )

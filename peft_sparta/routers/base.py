@@ -51,8 +51,9 @@ class Router(nn.Module):
     Subclasses implement `scores` (each task's best cosine similarity to the query) and may override `learn` (what
     a training forward of the current task teaches the router's state), `loss` (a differentiable router loss) and
     `add_task` / `remove_task` / `frozen_parameters` for their state.
-    The gates are a softmax over tasks of score / temperature, optionally restricted to the top k tasks and zeroed
-    for an input whose best score is under the abstain threshold or that reaches no task's floor (`score_floors`).
+    The gates are a softmax over tasks of score / temperature (the `choice_scores`, by default the scores),
+    optionally restricted to the top k tasks and zeroed for an input whose best score is under the abstain threshold
+    or that reaches no task's floor (`score_floors`).
 
     ``config`` is read at every call (not copied), so settings changed on ``peft_config`` apply at once.
     """
@@ -110,15 +111,27 @@ class Router(nn.Module):
         """Parameters of finished tasks, which must never train again."""
         return []
 
-    def gates(self, scores: torch.Tensor) -> torch.Tensor:
-        """Gates (..., tasks) from scores under the configured temperature, top_k, abstain threshold and per-task
-        floors."""
+    def gates(self, queries: torch.Tensor, branches: Branches) -> torch.Tensor:
+        """Gates (..., tasks) for unit queries under the configured temperature, top_k, abstain threshold and per-task
+        floors: abstaining compares the scores, the choice among tasks the `choice_scores`."""
         config = self.config
+        owner = self.state_owner
+        scores = self.scores(queries, branches)
         spread = self.abstain_spread
-        floors = None if spread is None else self.state_owner.score_floors(spread).to(scores.device)
+        floors = None if spread is None else owner.score_floors(spread).to(scores.device)
         return gates_from_scores(
-            scores, config.router_temperature, config.top_k, config.router_abstain_threshold, floors
+            scores,
+            config.router_temperature,
+            config.top_k,
+            config.router_abstain_threshold,
+            floors,
+            owner.choice_scores(queries, scores),
         )
+
+    def choice_scores(self, queries: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The scores (..., tasks) that choose among tasks, for unit queries whose `scores` are given: the scores
+        themselves, unless the router compares queries otherwise to choose (``router_metric``)."""
+        return scores
 
     @property
     def abstain_spread(self) -> Optional[float]:
@@ -129,6 +142,16 @@ class Router(nn.Module):
             return spread
         chosen = self.config.router == "prototype" and self.granularity == "sequence"
         return DEFAULT_ABSTAIN_SPREAD if chosen else None
+
+    @property
+    def metric(self) -> str:
+        """``router_metric`` with "auto" resolved: "discriminant" for the prototype router under sequence routing
+        (one query per input), "cosine" otherwise."""
+        metric = self.config.router_metric
+        if metric != "auto":
+            return metric
+        chosen = self.config.router == "prototype" and self.granularity == "sequence"
+        return "discriminant" if chosen else "cosine"
 
     def score_floors(self, spread: float) -> torch.Tensor:
         """Each task's lowest score (tasks,) that still routes to it under ``router_abstain_spread`` = ``spread``."""
@@ -161,13 +184,13 @@ class Router(nn.Module):
         if self._is_constant(len(branches)):
             return torch.ones(*x.shape[:-1], 1, device=x.device)
         if self.granularity != "sequence" or self.training or context is None:
-            return self.gates(self.scores(self.queries(x, context), branches))
+            return self.gates(self.queries(x, context), branches)
         config = self.config
         key = (id(self.state_owner), len(branches), config.router_temperature, config.top_k,
-               config.router_abstain_threshold, self.abstain_spread)  # fmt: skip
+               config.router_abstain_threshold, self.abstain_spread, self.metric)  # fmt: skip
         gates = context.sequence_gates.get(key)
         if gates is None:
-            gates = self.gates(self.scores(self.queries(x, context), branches))
+            gates = self.gates(self.queries(x, context), branches)
             context.sequence_gates[key] = gates
         return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), gates.shape[-1])
 
@@ -188,19 +211,22 @@ def gates_from_scores(
     top_k: Optional[int],
     abstain_threshold: Optional[float] = None,
     floors: Optional[torch.Tensor] = None,
+    choice_scores: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Softmax over tasks of scores / temperature; with top_k, zero outside the k best tasks and renormalise. Zero
-    gates (no task branch for that input) for every query whose best score is below ``abstain_threshold``, and for
-    every query that reaches no task's floor (``floors``: (tasks,) lowest score that routes to each task)."""
+    """Softmax over tasks of ``choice_scores`` (default: ``scores``) / temperature; with top_k, zero outside the k
+    best tasks and renormalise. Zero gates (no task branch for that input) for every query whose best score is below
+    ``abstain_threshold``, and for every query that reaches no task's floor (``floors``: (tasks,) lowest score that
+    routes to each task)."""
     routed = torch.ones_like(scores[..., :1], dtype=torch.bool)
     if abstain_threshold is not None:
         routed &= scores.amax(dim=-1, keepdim=True) >= abstain_threshold
     if floors is not None:
         routed &= (scores >= floors).any(dim=-1, keepdim=True)
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth_best = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth_best, float("-inf"))
-    return torch.softmax(scores / temperature, dim=-1) * routed
+    choice = scores if choice_scores is None else choice_scores
+    if top_k is not None and top_k < choice.shape[-1]:
+        kth_best = choice.topk(top_k, dim=-1).values[..., -1:]
+        choice = choice.masked_fill(choice < kth_best, float("-inf"))
+    return torch.softmax(choice / temperature, dim=-1) * routed
 
 
 def random_projection(source_dim: int, target_dim: int) -> torch.Tensor:
