@@ -48,8 +48,15 @@ from peft_sparta.continual.driver import _candidates, _held_out_candidates  # no
 #: Most of the calibration task prompts' router mass a floor may take away (abstaining costs task accuracy).
 MAX_TASK_ABSTAIN = 0.01
 
-#: What every setting starts from: soft routing over every task, no abstention (whatever the package defaults are).
-BASELINE = {"router_temperature": 0.02, "top_k": None, "router_abstain_threshold": None, "router_abstain_spread": None}
+#: What every setting starts from, whatever the package defaults are: soft routing over every task by cosine
+#: similarity, no abstention.
+BASELINE = {
+    "router_temperature": 0.02,
+    "top_k": None,
+    "router_abstain_threshold": None,
+    "router_abstain_spread": None,
+    "router_metric": "cosine",
+}
 
 
 def settings_grid() -> dict[str, dict]:
@@ -66,6 +73,8 @@ def settings_grid() -> dict[str, dict]:
     for k in (2.5, 5.0):
         grid[f"spread {k:g}, temperature 0.05"] = {"router_abstain_spread": k, "router_temperature": 0.05}
         grid[f"spread {k:g}, top_k 1"] = {"router_abstain_spread": k, "top_k": 1}
+    grid["discriminant"] = {"router_metric": "discriminant"}
+    grid["discriminant, spread 6"] = {"router_metric": "discriminant", "router_abstain_spread": 6.0}
     return {name: {**BASELINE, **setting} for name, setting in grid.items()}
 
 
