@@ -74,7 +74,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 SMOLLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MINILM_METHODS = [
-    "sparta", "seq_lora", "o_lora", "osf", "mtl_lora", "sparta_no_router", "sparta_no_shared", "sparta_no_orth",
+    "sparta", "seq_lora", "o_lora", "osf", "mtl_lora", "sparta_no_router", "sparta_no_shared", "sparta_orth",
     "sparta_spectral_init", "sparta_learned_router", "sparta_spectral_router", "sparta_token_routing",
     "sparta_train_shared", "sparta_one_prototype",
 ]  # fmt: skip

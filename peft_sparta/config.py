@@ -136,8 +136,12 @@ class SpaRTAConfig(PeftConfig):
             ``router_abstain_spread``) always compares the plain cosine similarity. "auto": "discriminant" for the
             prototype router under sequence routing, "cosine" otherwise (under token routing the solve would run for
             every token of every layer).
-        orth_lambda (`float`, *optional*, defaults to `0.5`):
-            Weight of the orthogonality loss between the current task branch, the shared branch and old branches.
+        orth_lambda (`float`, *optional*, defaults to `0.0`):
+            Weight of the orthogonality loss between the current task branch, the shared branch and old branches
+            (the paper's subspace penalty). Off by default: old branches are frozen and routed apart, so the loss
+            does not keep old tasks better, and it cost learning in every benchmark suite where it had any effect
+            (README: "Where learning is lost"). Turn it on where inputs mix branches (large ``router_temperature``,
+            token routing); ``paper_design`` sets 0.5.
         orth_norm (`str`, *optional*, defaults to `"fro"`):
             "fro": squared Frobenius norm of A_i A_j^T; "l1": element-wise absolute sum (O-LoRA's form).
         router_lambda (`float`, *optional*, defaults to `0.1`):
@@ -256,7 +260,10 @@ class SpaRTAConfig(PeftConfig):
             "cosine. 'auto': 'discriminant' under sequence routing, 'cosine' under token routing."
         },
     )
-    orth_lambda: float = field(default=0.5, metadata={"help": "Weight of the orthogonality loss."})
+    orth_lambda: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the orthogonality loss between branches (the paper's subspace penalty); 0: off."},
+    )
     orth_norm: Norm = field(default="fro", metadata={"help": "Orthogonality norm: 'fro' or 'l1'."})
     router_lambda: float = field(default=0.1, metadata={"help": "Weight of the router loss (learned router)."})
     kernel_backend: Optional[Backend] = field(
@@ -342,8 +349,8 @@ class SpaRTAConfig(PeftConfig):
     def paper_design(cls, **kwargs) -> SpaRTAConfig:
         """The design of the authors' public code (DATA, arXiv 2502.11482), which SpaRTA's paper builds on: one
         low-rank (rank 4) and one high-rank (rank 16) branch per adapted layer, scale 1, both trained on every task and weighed
-        per sequence by the component router (8 rows per task, orthogonality weight 1), plus our subspace penalty
-        ``orth_lambda``. Stochastic restoration stays off, as in the code's published runs; ``kwargs`` override any
+        per sequence by the component router (8 rows per task, orthogonality weight 1), plus the abstract's subspace
+        penalty (``orth_lambda`` 0.5). Stochastic restoration stays off, as in the code's published runs; ``kwargs`` override any
         field (e.g. ``target_modules``, ``restore_every``)."""
         design = {
             "task_branches": "shared",
@@ -355,6 +362,7 @@ class SpaRTAConfig(PeftConfig):
             "alpha_task": 16,
             "router_components": 8,
             "router_orth_lambda": 1.0,
+            "orth_lambda": 0.5,
         }
         return cls(**{**design, **kwargs})
 

@@ -51,7 +51,12 @@ def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
 
 def sparta_model(vocab_size: int, router: str = "prototype"):
     config = SpaRTAConfig(
-        r_shared=2, r_task=4, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM", router=router
+        r_shared=2,
+        r_task=4,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        task_type="CAUSAL_LM",
+        router=router,
+        orth_lambda=0.5,  # off by default; these tests check how the penalty is weighed and logged
     )
     model = get_peft_model(tiny_llama(vocab_size), config)
     # a first task: its branch frozen with a router state built from other inputs, so that both regularizers and a

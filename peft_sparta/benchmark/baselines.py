@@ -180,7 +180,13 @@ def _matching_linear_modules(model: nn.Module, target_modules) -> dict[str, nn.L
 
 #: The paper design's settings (see `SpaRTAConfig.paper_design`) at the benchmark's ranks and scales: restoration every
 #: 10 optimizer steps with the code's probability 1e-5.
-PAPER_DESIGN = {"task_branches": "shared", "router": "components", "shared_update": "train", "restore_every": 10}
+PAPER_DESIGN = {
+    "task_branches": "shared",
+    "router": "components",
+    "shared_update": "train",
+    "restore_every": 10,
+    "orth_lambda": 0.5,
+}
 
 #: name -> (class, keyword overrides). SpaRTA ablations change one thing against "sparta"; ranks follow r_shared and
 #: r_task (the no-shared ablation gives its task branch the shared rank, so every method trains the same rank). The
@@ -194,7 +200,7 @@ METHODS: dict[str, tuple[type, dict]] = {
     "mtl_lora": (LoRAMethod, {"multitask": True}),
     "sparta_no_router": (SpaRTANoRouterMethod, {}),
     "sparta_no_shared": (SpaRTAMethod, {"config": {"r_shared": 0}}),
-    "sparta_no_orth": (SpaRTAMethod, {"config": {"orth_lambda": 0.0}}),
+    "sparta_orth": (SpaRTAMethod, {"config": {"orth_lambda": 0.5}}),
     "sparta_spectral_init": (SpaRTAMethod, {"config": {"init_weights": "spectral"}}),
     "sparta_learned_router": (SpaRTAMethod, {"config": {"router": "learned"}}),
     "sparta_spectral_router": (SpaRTAMethod, {"config": {"router": "spectral", "router_prototypes": 4}}),
