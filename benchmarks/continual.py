@@ -99,6 +99,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument(
+        "--up-lr-ratio", type=float, default=1.0, help="learning rate of every B (up-projection) over the rest (LoRA+)"
+    )
     parser.add_argument("--r-shared", type=int, default=8)
     parser.add_argument("--r-task", type=int, default=32)
     parser.add_argument("--tasks", nargs="+", default=None, help="task names (subset / order) of the suite")
@@ -200,6 +203,7 @@ def run(args) -> dict:
         steps=args.steps or steps,
         batch_size=args.batch_size or batch_size,
         learning_rate=args.lr or lr,
+        up_lr_ratio=args.up_lr_ratio,
         seed=args.seed,
         progress=not args.no_progress,
         general_texts=suites.NEUTRAL_TEXTS,
@@ -213,7 +217,8 @@ def run(args) -> dict:
     this_run = provenance()
     this_run["settings"] = {
         "suite": args.suite, "tasks": [task.name for task in tasks], "steps_per_task": settings.steps,
-        "batch_size": settings.batch_size, "learning_rate": settings.learning_rate, "seed": args.seed,
+        "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
+        "up_lr_ratio": settings.up_lr_ratio, "seed": args.seed,
         "boilerplate": args.boilerplate, "r_shared": args.r_shared, "r_task": args.r_task, "target_modules": targets,
         "train_sizes": [len(task.train) for task in tasks], "test_sizes": [len(task.test) for task in tasks],
         "held_out": [task.name for task in held_out], "held_out_test_sizes": [len(task.test) for task in held_out],

@@ -36,6 +36,7 @@ from peft_sparta.continual import (
     train_sequence,
 )
 from peft_sparta.continual.driver import _routing_accuracy
+from tests.conftest import tiny_llama
 
 
 # a[i][j]: accuracy on task j after training task i; a[i][i+1] measured before task i+1 is trained.
@@ -745,3 +746,21 @@ def test_routing_accuracy_counts_abstained_inputs_as_misrouted():
     gates_by_task = {0: torch.tensor([[1.0, 0.0], [0.0, 0.0]]), 1: torch.tensor([[0.1, 0.9]])}
     accuracy, _ = _routing_accuracy(gates_by_task, stage=1, offset=0)
     assert accuracy == 2 / 3
+
+
+@pytest.mark.parametrize("tuner", ["sparta", "lora"])
+def test_up_lr_ratio_gives_every_up_projection_and_only_those_its_learning_rate(tuner):
+    from peft import LoraConfig
+
+    from peft_sparta.continual.driver import _parameter_groups
+
+    targets = ["q_proj", "v_proj"]
+    config = SpaRTAConfig(target_modules=targets, r_shared=2, r_task=4) if tuner == "sparta" else None
+    model = get_peft_model(tiny_llama(), config or LoraConfig(target_modules=targets, r=4))
+    groups = _parameter_groups(model, ContinualArguments(learning_rate=1e-3, up_lr_ratio=16.0))
+    names = {id(param): name for name, param in model.named_parameters()}
+    up = {names[id(param)] for param in groups[1]["params"]}
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert groups[1]["lr"] == pytest.approx(1.6e-2) and "lr" not in groups[0]
+    assert up == {name for name in trainable if f"{tuner}_B" in name} and up
+    assert up | {names[id(param)] for param in groups[0]["params"]} == trainable

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,10 @@ from .methods import Method, SpaRTAMethod
 from .metrics import average_accuracy, backward_transfer, forward_transfer, learning_accuracy
 
 
+#: Names of the up-projection parameters (B) of SpaRTA's branches and of PEFT LoRA adapters.
+UP_PROJECTION = re.compile(r"(sparta|lora)_B")
+
+
 __all__ = ["ContinualArguments", "ContinualResult", "train_sequence"]
 
 
@@ -32,6 +37,9 @@ class ContinualArguments:
     batch_size: int = 16
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    #: learning rate of the up-projections (SpaRTA's and LoRA's B) over that of the rest, as LoRA+ (Hayou et al.,
+    #: 2024) sets it; 1 trains every parameter at ``learning_rate``
+    up_lr_ratio: float = 1.0
     max_grad_norm: float = 1.0
     seed: int = 0
     progress: bool = True
@@ -249,7 +257,9 @@ def train_sequence(
 def _train_steps(model, tasks, trained: list[int], steps: int, args, harness, method, label: str) -> float:
     """``steps`` optimizer steps on batches drawn (seeded, epoch by epoch) from the tasks ``trained``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(model, args), lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     pool = [(index, example) for index in trained for example in tasks[index].train]
     rng = random.Random(f"{args.seed}-{'+'.join(tasks[i].name for i in trained)}")
     order: list = []
@@ -276,6 +286,17 @@ def _train_steps(model, tasks, trained: list[int], steps: int, args, harness, me
         recent = (recent + [float(loss.detach())])[-10:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
     return sum(recent) / len(recent) if recent else math.nan
+
+
+def _parameter_groups(model, args) -> list[dict]:
+    """The trainable parameters in two groups: up-projections (``sparta_B*``, ``lora_B*``) at ``up_lr_ratio`` times
+    the learning rate, the others at the learning rate."""
+    up, other = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (up if UP_PROJECTION.search(name) else other).append(param)
+    groups = [{"params": other}, {"params": up, "lr": args.learning_rate * args.up_lr_ratio}]
+    return [group for group in groups if group["params"]]
 
 
 def _evaluate(model, tasks, stage: int, args, harness, method, multitask: bool):
