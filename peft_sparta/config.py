@@ -103,7 +103,8 @@ class SpaRTAConfig(PeftConfig):
         router_dim (`int`, *optional*):
             If set, queries go through a frozen random projection to this size before routing.
         router_temperature (`float`, *optional*, defaults to `0.02`):
-            Softmax temperature over the tasks' best cosine similarities.
+            Softmax temperature over the tasks' best cosine similarities (after the discriminant transform under
+            ``router_metric="discriminant"``).
         router_prototypes (`int`, *optional*, defaults to `16`):
             Prototypes per task (online k-means centroids of the task's queries; singular vectors for "spectral").
             The README's benchmark section shows how the number of prototypes affects routing.
@@ -131,8 +132,10 @@ class SpaRTAConfig(PeftConfig):
             tasks' mean and whitening by the spread of each task's prototypes around its own mean (shrunk towards
             the identity), as in linear discriminant analysis: what a task's own prompts vary in (names, numbers,
             topic words) counts less than what tells tasks apart, so prompts that differ in one instruction word
-            route apart. It is computed from the prototypes alone (nothing more is stored) once per change of them,
-            and costs one triangular solve per query. Abstaining (``router_abstain_threshold``,
+            route apart. Its similarities are scaled by ``DISCRIMINANT_SCORE_SCALE`` (0.25) before the softmax, so
+            that the default temperature leaves text of no task as mixed as the cosine does. It is computed from the
+            prototypes alone (nothing more is stored) once per change of them, and costs one triangular solve per
+            query. Abstaining (``router_abstain_threshold``,
             ``router_abstain_spread``) always compares the plain cosine similarity. "auto": "discriminant" for the
             prototype router under sequence routing, "cosine" otherwise (under token routing the solve would run for
             every token of every layer).

@@ -202,3 +202,16 @@ def test_auto_metric_is_discriminant_under_sequence_prototype_routing_only():
     assert (
         metric("token", router_metric="discriminant") == "discriminant" and metric(router_metric="cosine") == "cosine"
     )
+
+
+def test_discriminant_gates_are_the_softmax_of_the_scaled_whitened_cosine():
+    generator = torch.Generator().manual_seed(2)
+    queries = _instruction_like_queries(generator, tasks=3, per_task=40)
+    router = _trained_prototype_router("discriminant", queries[:, :32])
+    test = queries[:, 32:].reshape(-1, queries.shape[-1])
+    centre, factor = prototype.discriminant_transform(router.prototypes, router.counts)
+    whitened = F.normalize(prototype.whiten(test, centre, factor), dim=-1)
+    prototypes = F.normalize(prototype.whiten(router.prototypes, centre, factor), dim=-1)
+    cosine = torch.einsum("nd,tpd->ntp", whitened, prototypes).amax(dim=-1)
+    expected = torch.softmax(prototype.DISCRIMINANT_SCORE_SCALE * cosine / router.config.router_temperature, dim=-1)
+    torch.testing.assert_close(router.gates(test, [None] * 3), expected)
