@@ -140,8 +140,7 @@ class Router(nn.Module):
         spread = self.config.router_abstain_spread
         if spread != "auto":
             return spread
-        chosen = self.config.router == "prototype" and self.granularity == "sequence"
-        return DEFAULT_ABSTAIN_SPREAD if chosen else None
+        return DEFAULT_ABSTAIN_SPREAD if self._prototypes_per_sequence else None
 
     @property
     def metric(self) -> str:
@@ -150,8 +149,12 @@ class Router(nn.Module):
         metric = self.config.router_metric
         if metric != "auto":
             return metric
-        chosen = self.config.router == "prototype" and self.granularity == "sequence"
-        return "discriminant" if chosen else "cosine"
+        return "discriminant" if self._prototypes_per_sequence else "cosine"
+
+    @property
+    def _prototypes_per_sequence(self) -> bool:
+        """The prototype router under sequence routing, where the "auto" settings take their chosen values."""
+        return self.config.router == "prototype" and self.granularity == "sequence"
 
     def score_floors(self, spread: float) -> torch.Tensor:
         """Each task's lowest score (tasks,) that still routes to it under ``router_abstain_spread`` = ``spread``."""
