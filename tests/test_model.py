@@ -527,3 +527,27 @@ def test_router_abstains_with_a_single_task():
         base_unrelated, base_task = logits(model, unrelated), logits(model, task_a)
     assert torch.equal(logits(model, unrelated), base_unrelated)
     assert not torch.allclose(logits(model, task_a), base_task), "the task's own inputs use its branch"
+
+
+def test_router_metric_changed_at_run_time_applies_to_the_next_forward():
+    task_a, task_b = _two_task_inputs()
+    # soft gates, so that the two metrics' gates differ visibly
+    model = sparta(tiny_llama(), task_names=["a"], router_abstain_spread=None, router_temperature=1.0)
+    train_steps(model, task_a, steps=2)
+    model.add_task("b")
+    train_steps(model, task_b, steps=2)
+    layer = sparta_layers(model)[0]
+    captured = {}
+    layer.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
+    mixed = torch.cat([task_a[:2], task_b[:2]])
+
+    def gates_and_scores():
+        model(input_ids=mixed)
+        return layer.router_gates("default", captured["x"]), layer.router_scores("default", captured["x"])
+
+    discriminant, scores = gates_and_scores()
+    model.peft_config["default"].router_metric = "cosine"
+    cosine, _ = gates_and_scores()
+    temperature = model.peft_config["default"].router_temperature
+    torch.testing.assert_close(cosine, torch.softmax(scores / temperature, dim=-1))
+    assert not torch.allclose(discriminant, cosine)
