@@ -18,6 +18,7 @@ from .kernels import orthogonality_penalty
 from .kernels.backend import resolve_backend
 from .kernels.orthogonality_gram import gram_matrix, gram_orthogonality_penalty
 from .routers import is_recomputation
+from .utils import same_tensor_states, tensor_states
 
 
 class AttachPenaltyFunction(torch.autograd.Function):
@@ -122,16 +123,9 @@ class LayerRegularizers:
         """
         rows = sum(block.shape[0] for block in blocks)
         form = "gram" if norm == "fro" and rows > blocks[0].shape[-1] else "stack"
-        key = [(block, block.data_ptr(), block._version) for block in blocks]
+        key = tensor_states(blocks)
         cached = self.sparta_frozen_summary.get(adapter_name)
-        if cached is None or cached[1] != form or not _same_blocks(cached[0], key):
+        if cached is None or cached[1] != form or not same_tensor_states(cached[0], key):
             summary = gram_matrix(blocks) if form == "gram" else torch.cat(blocks)
             cached = self.sparta_frozen_summary[adapter_name] = (key, form, summary)
         return form, cached[2]
-
-
-def _same_blocks(cached: list[tuple], current: list[tuple]) -> bool:
-    """Whether two keys of `_frozen_summary` name the same tensors, in the same order, storage and version."""
-    return len(cached) == len(current) and all(
-        old is new and old_state == new_state for (old, *old_state), (new, *new_state) in zip(cached, current)
-    )

@@ -21,3 +21,16 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Ten
 def module_device(module: nn.Module) -> torch.device:
     """The device of the module's first parameter (where its inputs must go)."""
     return next(module.parameters()).device
+
+
+def tensor_states(tensors) -> list[tuple]:
+    """What identifies the contents of each tensor without reading them: the tensor itself, its storage and its
+    version counter (bumped by every in-place change), to key values derived from the tensors."""
+    return [(tensor, tensor.data_ptr(), tensor._version) for tensor in tensors]
+
+
+def same_tensor_states(cached: list[tuple], current: list[tuple]) -> bool:
+    """Whether two `tensor_states` name the same tensors, in the same order, storage and version."""
+    return len(cached) == len(current) and all(
+        old is new and old_state == new_state for (old, *old_state), (new, *new_state) in zip(cached, current)
+    )

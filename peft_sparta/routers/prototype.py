@@ -9,6 +9,7 @@ import torch
 from torch import distributed as dist
 from torch.nn import functional as F
 
+from ..utils import same_tensor_states, tensor_states
 from .base import Branches, Router
 from .context import RoutingContext
 
@@ -59,13 +60,11 @@ class PrototypeRouter(Router):
     def whitened_prototypes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The centre and factor of `discriminant_transform` and the prototypes whitened by them, computed again only
         when the prototypes change (training, add_task, loading, device moves)."""
-        prototypes, counts = self.prototypes, self.counts
-        versions = (prototypes._version, counts._version)
-        cached = self._discriminant
-        if cached is None or cached[0] is not prototypes or cached[1] is not counts or cached[2] != versions:
-            centre, factor = discriminant_transform(prototypes, counts)
-            self._discriminant = (prototypes, counts, versions, (centre, factor, whiten(prototypes, centre, factor)))
-        return self._discriminant[3]
+        key = tensor_states([self.prototypes, self.counts])
+        if self._discriminant is None or not same_tensor_states(self._discriminant[0], key):
+            centre, factor = discriminant_transform(self.prototypes, self.counts)
+            self._discriminant = (key, (centre, factor, whiten(self.prototypes, centre, factor)))
+        return self._discriminant[1]
 
     def score_floors(self, spread: float) -> torch.Tensor:
         """1 - spread * (1 - m_t) per task, m_t the mean cosine similarity of task t's queries to their prototypes.
