@@ -11,6 +11,7 @@ from ..routers.recorder import RoutingRecorder
 from .calibration import (
     abstain_threshold,
     best_router_scores,
+    calibrate_abstain_distance,
     calibrate_abstain_spread,
     calibrate_abstain_threshold,
     choose_spread,
@@ -34,6 +35,7 @@ __all__ = [
     "average_accuracy",
     "backward_transfer",
     "best_router_scores",
+    "calibrate_abstain_distance",
     "calibrate_abstain_spread",
     "calibrate_abstain_threshold",
     "choose_spread",
