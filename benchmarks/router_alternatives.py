@@ -41,7 +41,7 @@ from peft_sparta.continual import (  # noqa: E402
     choose_spread,
     train_sequence,
 )
-from peft_sparta.continual.calibration import DISTANCES, SPREADS  # noqa: E402
+from peft_sparta.continual.calibration import SPREADS  # noqa: E402
 from peft_sparta.continual.driver import _candidates, _held_out_candidates  # noqa: E402
 
 
@@ -55,12 +55,8 @@ BASELINE = {
     "top_k": None,
     "router_abstain_threshold": None,
     "router_abstain_spread": None,
-    "router_abstain_distance": None,
     "router_metric": "cosine",
 }
-
-#: The package defaults' abstaining and metric, which the distance rows add their limit to.
-DEFAULT_ROUTING = {"router_metric": "discriminant", "router_abstain_spread": 6.0}
 
 
 def settings_grid() -> dict[str, dict]:
@@ -78,13 +74,7 @@ def settings_grid() -> dict[str, dict]:
         grid[f"spread {k:g}, temperature 0.05"] = {"router_abstain_spread": k, "router_temperature": 0.05}
         grid[f"spread {k:g}, top_k 1"] = {"router_abstain_spread": k, "top_k": 1}
     grid["discriminant"] = {"router_metric": "discriminant"}
-    grid["discriminant, spread 6"] = dict(DEFAULT_ROUTING)
-    grid.update(
-        {
-            f"discriminant, spread 6, distance {k:g}": {**DEFAULT_ROUTING, "router_abstain_distance": k}
-            for k in DISTANCES
-        }
-    )
+    grid["discriminant, spread 6"] = {"router_metric": "discriminant", "router_abstain_spread": 6.0}
     return {name: {**BASELINE, **setting} for name, setting in grid.items()}
 
 
@@ -173,12 +163,15 @@ def measure(model, harness, tasks, held_out, calibration, reference) -> dict:
     }
 
 
-def chosen_limit(rows: dict[str, dict], field: str, prefix: str) -> float | None:
-    """`choose_spread` of ``field``'s k from the calibration split's abstaining shares of the rows named ``prefix`` k."""
+def chosen_spread(rows: dict[str, dict]) -> float | None:
+    """`choose_spread` from the calibration split's abstaining shares of the spread rows."""
     shares = {
-        row["setting"][field]: (row["abstained"]["calibration_tasks"], row["abstained"]["calibration_text"])
+        row["setting"]["router_abstain_spread"]: (
+            row["abstained"]["calibration_tasks"],
+            row["abstained"]["calibration_text"],
+        )
         for name, row in rows.items()
-        if name.startswith(prefix) and "," not in name[len(prefix) :]
+        if name.startswith("spread ") and "," not in name
     }
     return choose_spread(shares, MAX_TASK_ABSTAIN)
 
@@ -217,8 +210,7 @@ def run(args) -> dict:
         "held_out": [task.name for task in held_out],
         "unseen_base_accuracy": result.unseen_base_accuracy,
         "calibration_sizes": [len(task.test) for task in calibration],
-        "chosen_spread": chosen_limit(rows, "router_abstain_spread", "spread "),
-        "chosen_distance": chosen_limit(rows, "router_abstain_distance", "discriminant, spread 6, distance "),
+        "chosen_spread": chosen_spread(rows),
         "rows": rows,
     }
 
@@ -238,9 +230,8 @@ def table(results: dict) -> str:
             " / ".join(f"{abstained[key]:.2f}" for key in ["trained", *held, "neutral"]),
             f"{abstained['calibration_tasks']:.2f} / {abstained['calibration_text']:.2f}",
         ])  # fmt: skip
-    chosen = [(field, results.get(f"chosen_{field}")) for field in ("spread", "distance")]
-    notes = [f"router_abstain_{field} = {value}" for field, value in chosen if value is not None]
-    note = f"\n\nChosen on the calibration split: {', '.join(notes)}." if notes else ""
+    chosen = results["chosen_spread"]
+    note = f"\n\nChosen on the calibration split: router_abstain_spread = {chosen}." if chosen else ""
     return markdown_table(header, body) + note
 
 

@@ -27,7 +27,6 @@ RUN_TIME_FIELDS = frozenset(
         "router_temperature",
         "router_abstain_threshold",
         "router_abstain_spread",
-        "router_abstain_distance",
         "router_metric",
         "top_k",
         "orth_lambda",
@@ -43,10 +42,6 @@ RUN_TIME_FIELDS = frozenset(
 #: four offline suites (benchmarks/router_alternatives.py, never on scored data): of the k that keep 99% of every
 #: suite's calibration task prompts (suite b needs k >= 6), the one that abstains most on their unrelated text.
 DEFAULT_ABSTAIN_SPREAD = 6.0
-
-#: The k of ``router_abstain_distance="auto"``, chosen on the same calibration splits the same way (README: "Inputs
-#: that resemble no task").
-DEFAULT_ABSTAIN_DISTANCE = 2.0
 
 RouterName = Literal["prototype", "learned", "spectral", "components"]
 RouterMetric = Literal["auto", "cosine", "discriminant"]
@@ -131,16 +126,6 @@ class SpaRTAConfig(PeftConfig):
             "auto": `DEFAULT_ABSTAIN_SPREAD` for the prototype router under sequence routing, where the benchmark's
             calibration splits chose it (README: "Inputs that resemble no task"), and no floor otherwise (token
             routing, other routers). None: no floor.
-        router_abstain_distance (`float` or `"auto"`, *optional*, defaults to `"auto"`):
-            Prototype router: at inference, an input also abstains when it lies farther than k times the expected
-            distance from every task's prototypes, k this value, measured in the space of ``router_metric=
-            "discriminant"`` (centred, whitened by the prototypes' within-task spread). The expected distance of a
-            task's own input to its prototype follows from the spread of the queries that prototype averages (the
-            same spread as ``router_abstain_spread`` reads) and the number of them, so no data besides the training
-            run is needed. Where the cosine floor only sees the angle to the nearest prototype, this distance weighs
-            what tells tasks apart, so text of a format no task was trained on lies far outside every task (README:
-            "Inputs that resemble no task"). "auto": `DEFAULT_ABSTAIN_DISTANCE` for the prototype router under
-            sequence routing, none otherwise. None: no distance limit.
         router_metric (`str`, *optional*, defaults to `"auto"`):
             How the prototype router compares a query with the prototypes when it chooses among tasks (the gates'
             softmax and top_k). "cosine": cosine similarity. "discriminant": cosine similarity after centring on the
@@ -267,15 +252,6 @@ class SpaRTAConfig(PeftConfig):
             "help": "Prototype router: at inference, inputs below every task's floor 1 - k * (1 - mean training "
             "similarity to its prototypes), k this value, use no task branch. 'auto': DEFAULT_ABSTAIN_SPREAD for "
             "the prototype router under sequence routing, none otherwise; None: no per-task floor."
-        },
-    )
-    router_abstain_distance: Optional[Union[float, Literal["auto"]]] = field(
-        default="auto",
-        metadata={
-            "help": "Prototype router: at inference, inputs farther than k times the expected distance from every "
-            "task's prototypes (whitened as by router_metric='discriminant'), k this value, use no task branch. "
-            "'auto': DEFAULT_ABSTAIN_DISTANCE for the prototype router under sequence routing, none otherwise; "
-            "None: no distance limit."
         },
     )
     router_metric: RouterMetric = field(
@@ -437,8 +413,7 @@ class SpaRTAConfig(PeftConfig):
             _check_int("top_k", self.top_k, minimum=1)
         if self.router_abstain_threshold is not None:
             _check_cosine("router_abstain_threshold", self.router_abstain_threshold)
-        for name in ("router_abstain_spread", "router_abstain_distance"):
-            self._validate_prototype_limit(name)
+        self._validate_abstain_spread()
         _check_choice("router_metric", self.router_metric, get_args(RouterMetric))
         if self.router_metric == "discriminant" and self.router != "prototype":
             raise ValueError(
@@ -470,18 +445,17 @@ class SpaRTAConfig(PeftConfig):
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform; set both or neither.")
 
-    def _validate_prototype_limit(self, name: str) -> None:
-        """The per-task floor and the distance limit read the spread of the prototype router's prototypes, which
-        other routers lack."""
-        value = getattr(self, name)
-        if value is None or (isinstance(value, str) and value == "auto"):
+    def _validate_abstain_spread(self) -> None:
+        """The per-task floor reads the spread of the prototype router's prototypes, which other routers lack."""
+        spread = self.router_abstain_spread
+        if spread is None or (isinstance(spread, str) and spread == "auto"):
             return
-        if not _is_finite_number(value) or not value > 0:
-            raise ValueError(f"{name} must be a finite number > 0, 'auto' or None, got {value!r}.")
+        if not _is_finite_number(spread) or not spread > 0:
+            raise ValueError(f"router_abstain_spread must be a finite number > 0, 'auto' or None, got {spread!r}.")
         if self.router != "prototype":
             raise ValueError(
-                f"{name} limits each task by the spread of its prototypes, which only router='prototype' has (got "
-                f"router={self.router!r}); use router_abstain_threshold instead."
+                f"router_abstain_spread sets each task's floor from the spread of its prototypes, which only "
+                f"router='prototype' has (got router={self.router!r}); use router_abstain_threshold instead."
             )
 
     def _validate_paper_design(self) -> None:

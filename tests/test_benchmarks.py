@@ -152,11 +152,7 @@ def test_router_alternatives_choose_the_spread_from_the_calibration_shares_of_th
 
     rows = {"spread 2": row(2.0, 0.05, 1.0), "spread 2.5": row(2.5, 0.01, 0.9), "spread 4": row(4.0, 0.0, 0.5),
             "spread 3, top_k 1": row(3.0, 0.0, 1.0)}  # fmt: skip
-    chosen = router_alternatives.chosen_limit(rows, "router_abstain_spread", "spread ")
-    assert chosen == 2.5, "2 abstains on too many task prompts; combined rows ignored"
-    distance_rows = {f"d {k:g}": {**row(k, tasks, text), "setting": {"router_abstain_distance": k}}
-                     for k, tasks, text in [(1.5, 0.02, 1.0), (2.0, 0.0, 0.8), (3.0, 0.0, 0.2)]}  # fmt: skip
-    assert router_alternatives.chosen_limit({**rows, **distance_rows}, "router_abstain_distance", "d ") == 2.0
+    assert router_alternatives.chosen_spread(rows) == 2.5, "2 abstains on too many task prompts; combined rows ignored"
     gates = torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.25, 0.25]])
     assert router_alternatives.abstained_mass(gates) == pytest.approx(0.5)
 

@@ -35,7 +35,7 @@ def test_import_in_a_fresh_process(first):
 def test_public_continual_names():
     expected = {
         "CausalLMHarness", "ContinualArguments", "ContinualResult", "EmbeddingClassificationHarness", "Harness", "Method",
-        "RoutingRecorder", "SpaRTAMethod", "abstain_threshold", "average_accuracy", "best_router_scores", "calibrate_abstain_distance", "calibrate_abstain_spread", "calibrate_abstain_threshold", "choose_spread", "backward_transfer", "forward_transfer", "learning_accuracy",
+        "RoutingRecorder", "SpaRTAMethod", "abstain_threshold", "average_accuracy", "best_router_scores", "calibrate_abstain_spread", "calibrate_abstain_threshold", "choose_spread", "backward_transfer", "forward_transfer", "learning_accuracy",
         "train_sequence",
     }  # fmt: skip
     assert set(continual.__all__) == expected

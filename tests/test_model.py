@@ -8,7 +8,7 @@ from peft import get_peft_model
 from torch.nn import functional as F
 
 from peft_sparta import SpaRTAConfig, SpaRTALayer
-from peft_sparta.continual import calibrate_abstain_distance, calibrate_abstain_spread
+from peft_sparta.continual import calibrate_abstain_spread
 from peft_sparta.routers import PrototypeRouter, Router
 from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -436,12 +436,7 @@ def test_router_abstains_on_inputs_near_no_task(r_shared):
     """Inputs far from every task's prototypes get no task branch (base + shared only); task inputs still route."""
     task_a, task_b, unrelated = _abstain_probe_inputs()
     model = sparta(
-        tiny_llama(),
-        r_shared=r_shared,
-        task_names=["a"],
-        router_abstain_threshold=0.6,
-        router_abstain_spread=None,
-        router_abstain_distance=None,
+        tiny_llama(), r_shared=r_shared, task_names=["a"], router_abstain_threshold=0.6, router_abstain_spread=None
     )
     train_steps(model, task_a, steps=2, lr=5e-2)
     model.add_task("b")
@@ -475,9 +470,7 @@ def test_router_abstains_below_every_task_floor_from_its_spread():
     generator = torch.Generator().manual_seed(11)
     ranges = {"a": (0, 12), "b": (85, 97)}
     draw = lambda name, rows: torch.randint(*ranges[name], (rows, 10), generator=generator)  # noqa: E731
-    model = sparta(
-        tiny_llama(), task_names=["a"], router_prototypes=2, router_abstain_spread=3.0, router_abstain_distance=None
-    )
+    model = sparta(tiny_llama(), task_names=["a"], router_prototypes=2, router_abstain_spread=3.0)
     train_steps(model, draw("a", 32), steps=2, lr=5e-2)
     model.add_task("b")
     train_steps(model, draw("b", 32), steps=2, lr=5e-2)
@@ -498,63 +491,10 @@ def test_router_abstains_below_every_task_floor_from_its_spread():
     assert not torch.allclose(logits(model, unrelated), abstaining), "without the floors a task branch acts"
 
 
-def _two_trained_tasks_and_unrelated(**overrides):
-    """A model trained on tasks "a" (tokens 0-11) and "b" (85-96), with fresh inputs of each and of tokens 40-59."""
-    generator = torch.Generator().manual_seed(11)
-    draw = lambda low, rows: torch.randint(low, low + 12, (rows, 10), generator=generator)  # noqa: E731
-    model = sparta(tiny_llama(), task_names=["a"], router_prototypes=2, **overrides)
-    train_steps(model, draw(0, 32), steps=2, lr=5e-2)
-    model.add_task("b")
-    train_steps(model, draw(85, 32), steps=2, lr=5e-2)
-    unrelated = torch.randint(40, 60, (8, 10), generator=generator)
-    return model, [draw(0, 8), draw(85, 8), unrelated]
-
-
-def _kept_shares(model, batches) -> list[float]:
-    """Per batch, the share of inputs that some task branch takes."""
-    layer = sparta_layers(model)[0]
-    captured = {}
-    hook = layer.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
-    kept = []
-    for batch in batches:
-        model(input_ids=batch)
-        kept.append(float((layer.router_gates("default", captured["x"]).flatten(0, -2).amax(-1) > 0).float().mean()))
-    hook.remove()
-    return kept
-
-
-def test_router_abstains_beyond_every_task_distance():
-    """``router_abstain_distance`` (the default): fresh inputs of a trained task route to it, inputs far from every
-    task in the whitened space abstain; without the limit a task branch acts on them."""
-    model, batches = _two_trained_tasks_and_unrelated(router_abstain_spread=None, router_abstain_distance=2.0)
-    kept = _kept_shares(model, batches)
-    assert kept[0] >= 0.9 and kept[1] >= 0.9 and kept[2] == 0.0, kept
-    abstaining = logits(model, batches[2])
-    model.peft_config["default"].router_abstain_distance = None
-    assert _kept_shares(model, batches[2:]) == [1.0]
-    assert not torch.allclose(logits(model, batches[2]), abstaining), "without the limit a task branch acts"
-
-
-def test_calibrated_abstain_distance_keeps_task_inputs_and_abstains_on_unrelated_ones():
-    model, (task_a, task_b, unrelated) = _two_trained_tasks_and_unrelated(router_abstain_spread=None)
-    config = model.peft_config["default"]
-    tasks = [{"input_ids": task_a}, {"input_ids": task_b}]
-    distance = calibrate_abstain_distance(model, tasks, [{"input_ids": unrelated}], max_task_abstain=0.1)
-    assert distance is not None and config.router_abstain_distance == "auto", (
-        "calibration leaves the setting as it was"
-    )
-    config.router_abstain_distance = distance
-    kept = _kept_shares(model, [task_a, task_b, unrelated])
-    assert kept[0] >= 0.9 and kept[1] >= 0.9 and kept[2] <= 0.25, kept
-    token = sparta(tiny_llama(), task_names=["a"], router_granularity="token")
-    with pytest.raises(ValueError, match="sequence routing"):
-        calibrate_abstain_distance(token, tasks, [{"input_ids": unrelated}])
-
-
 def test_calibrated_abstain_spread_keeps_task_inputs_and_abstains_on_unrelated_ones():
     generator = torch.Generator().manual_seed(11)
     draw = lambda low, rows: torch.randint(low, low + 12, (rows, 10), generator=generator)  # noqa: E731
-    model = sparta(tiny_llama(), task_names=["a"], router_prototypes=2, router_abstain_distance=None)
+    model = sparta(tiny_llama(), task_names=["a"], router_prototypes=2)
     train_steps(model, draw(0, 32), steps=2, lr=5e-2)
     model.add_task("b")
     train_steps(model, draw(85, 32), steps=2, lr=5e-2)
@@ -580,12 +520,7 @@ def test_calibrated_abstain_spread_keeps_task_inputs_and_abstains_on_unrelated_o
 def test_router_abstains_with_a_single_task():
     task_a, _, unrelated = _abstain_probe_inputs()
     model = sparta(
-        tiny_llama(),
-        r_shared=0,
-        task_names=["a"],
-        router_abstain_threshold=0.6,
-        router_abstain_spread=None,
-        router_abstain_distance=None,
+        tiny_llama(), r_shared=0, task_names=["a"], router_abstain_threshold=0.6, router_abstain_spread=None
     )
     train_steps(model, task_a, steps=2, lr=5e-2)
     with model.disable_adapter():
@@ -597,13 +532,7 @@ def test_router_abstains_with_a_single_task():
 def test_router_metric_changed_at_run_time_applies_to_the_next_forward():
     task_a, task_b = _two_task_inputs()
     # soft gates, so that the two metrics' gates differ visibly
-    model = sparta(
-        tiny_llama(),
-        task_names=["a"],
-        router_abstain_spread=None,
-        router_abstain_distance=None,
-        router_temperature=1.0,
-    )
+    model = sparta(tiny_llama(), task_names=["a"], router_abstain_spread=None, router_temperature=1.0)
     train_steps(model, task_a, steps=2)
     model.add_task("b")
     train_steps(model, task_b, steps=2)

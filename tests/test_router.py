@@ -4,7 +4,7 @@ import torch
 from torch.nn import functional as F
 
 from peft_sparta import SpaRTAConfig
-from peft_sparta.config import DEFAULT_ABSTAIN_DISTANCE, DEFAULT_ABSTAIN_SPREAD
+from peft_sparta.config import DEFAULT_ABSTAIN_SPREAD
 from peft_sparta.routers import base, learned, prototype, spectral
 
 
@@ -215,54 +215,3 @@ def test_discriminant_gates_are_the_softmax_of_the_scaled_whitened_cosine():
     cosine = torch.einsum("nd,tpd->ntp", whitened, prototypes).amax(dim=-1)
     expected = torch.softmax(prototype.DISCRIMINANT_SCORE_SCALE * cosine / router.config.router_temperature, dim=-1)
     torch.testing.assert_close(router.gates(test, [None] * 3), expected)
-
-
-def test_distance_ratios_are_about_one_for_a_tasks_fresh_inputs_and_large_for_text_of_no_task():
-    """The expected distance follows from the prototypes alone: fresh inputs of a trained task lie about one
-    expected distance from their nearest prototype, inputs of another template far beyond."""
-    generator = torch.Generator().manual_seed(3)
-    queries = _instruction_like_queries(generator, tasks=3, per_task=160)
-    router = _trained_prototype_router("discriminant", queries[:, :128])
-    fresh = queries[:, 128:].reshape(-1, queries.shape[-1])
-    unrelated = _instruction_like_queries(torch.Generator().manual_seed(4), tasks=1, per_task=32)[0]
-    own_task = router.distance_ratios(fresh).reshape(3, -1, 3)
-    mean_own = torch.stack([own_task[task, :, task] for task in range(3)]).mean()
-    assert 0.7 <= mean_own <= 1.4, mean_own
-    assert router.distance_ratios(unrelated).amin(-1).min() > 3 * mean_own
-    near = router.near_tasks(torch.cat([fresh, unrelated]), 1.5).flatten()
-    assert near[: len(fresh)].all() and not near[len(fresh) :].any()
-
-
-def test_distance_ratios_are_the_whitened_distance_to_the_nearest_prototype_over_its_expected_value():
-    router = _trained_prototype_router("discriminant", _instruction_like_queries(torch.Generator(), 2, 24, dim=6))
-    router.counts[1, 3] = 0  # a prototype never seeded: never the nearest
-    queries = F.normalize(torch.randn(5, 6), dim=-1)
-    centre, factor, whitened_prototypes = router.whitened_prototypes()
-    counts = router.counts.float()
-    weights = counts * (counts >= 2)
-    rho_squared = ((counts * router.prototypes.pow(2).sum(-1) - 1) / (counts - 1).clamp(min=1)).clamp(0, 1)
-    variance = ((1 - rho_squared) * weights).sum(-1) / weights.sum(-1)
-    expected = variance[:, None] * 6 / (factor @ factor.T).trace() * (1 + 1 / counts.clamp(min=1))
-    distances = (prototype.whiten(queries, centre, factor)[:, None, None] - whitened_prototypes).pow(2).sum(-1)
-    ratios = (distances / expected).masked_fill(router.counts == 0, float("inf")).amin(-1)
-    torch.testing.assert_close(router.distance_ratios(queries), ratios, rtol=1e-4, atol=1e-4)
-    router.counts[0] = torch.tensor([1, 1, 1, 0])
-    assert (router.distance_ratios(queries)[:, 0] == 0).all(), "a task of single-query prototypes keeps every input"
-
-
-def test_gates_abstain_for_inputs_near_no_task():
-    scores = torch.tensor([[0.95, 0.20], [0.50, 0.40]])
-    gates = base.gates_from_scores(scores, 0.1, None, near=torch.tensor([[True], [False]]))
-    torch.testing.assert_close(gates[0], base.gates_from_scores(scores, 0.1, None)[0])
-    assert torch.equal(gates[1], torch.zeros(2))
-
-
-def test_auto_abstain_distance_is_the_default_under_sequence_prototype_routing_only():
-    def distance(granularity="sequence", **kwargs):
-        config = SpaRTAConfig(target_modules=["q"], **kwargs)
-        return prototype.PrototypeRouter(config, granularity, 4).abstain_distance
-
-    assert distance() == DEFAULT_ABSTAIN_DISTANCE
-    assert distance("token") is None, "the calibration splits chose the default under sequence routing"
-    assert distance(router_abstain_distance=None) is None and distance("token", router_abstain_distance=3.0) == 3.0
-    assert distance(router="learned") is None

@@ -11,7 +11,6 @@ from ..routers.recorder import RoutingRecorder
 from .calibration import (
     abstain_threshold,
     best_router_scores,
-    calibrate_abstain_distance,
     calibrate_abstain_spread,
     calibrate_abstain_threshold,
     choose_spread,
@@ -35,7 +34,6 @@ __all__ = [
     "average_accuracy",
     "backward_transfer",
     "best_router_scores",
-    "calibrate_abstain_distance",
     "calibrate_abstain_spread",
     "calibrate_abstain_threshold",
     "choose_spread",

@@ -1,4 +1,4 @@
-"""Choosing ``router_abstain_threshold``, ``router_abstain_spread`` or ``router_abstain_distance`` from data that is not scored: held-out prompts
+"""Choosing ``router_abstain_threshold`` or ``router_abstain_spread`` from data that is not scored: held-out prompts
 of the trained tasks and unrelated text, each fed to the model exactly as at inference."""
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from ..routers.recorder import RoutingRecorder
 
 #: The k values of ``router_abstain_spread`` that `calibrate_abstain_spread` chooses from.
 SPREADS = (2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
-
-#: The k values of ``router_abstain_distance`` that `calibrate_abstain_distance` chooses from.
-DISTANCES = (1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 4.0)
 
 
 @torch.no_grad()
@@ -53,8 +50,7 @@ def calibrate_abstain_threshold(
 def choose_spread(abstained: dict[float, tuple[float, float]], max_task_abstain: float = 0.01) -> float | None:
     """From each k's (share of task inputs, share of unrelated inputs) that abstain, the k that abstains most on
     unrelated inputs among those that keep all but ``max_task_abstain`` of the task inputs; among equals the largest
-    k, which leaves task inputs the widest margin. None when no k keeps the task inputs. It chooses the k of
-    ``router_abstain_spread`` and of ``router_abstain_distance`` alike."""
+    k, which leaves task inputs the widest margin. None when no k keeps the task inputs."""
     candidates = [(unrelated, k) for k, (task, unrelated) in abstained.items() if task <= max_task_abstain]
     return max(candidates)[1] if candidates else None
 
@@ -69,7 +65,13 @@ def calibrate_abstain_spread(
 ) -> float | None:
     """`choose_spread` over ``spreads`` from held-out task inputs and unrelated inputs: the ``router_abstain_spread``
     for a prototype router under sequence routing (each input's task scores are then the same in every layer)."""
-    router = _sequence_prototype_router(model, adapter_name, "calibrate_abstain_spread")
+    router = sparta_layers(model)[0].router(adapter_name).state_owner
+    if router.config.router != "prototype" or router.granularity != "sequence":
+        raise ValueError(
+            "calibrate_abstain_spread needs the prototype router under sequence routing (router='prototype', "
+            f"router_granularity 'sequence' or 'auto'); this adapter routes with {router.config.router!r} per "
+            f"{router.granularity}. Use calibrate_abstain_threshold instead."
+        )
     scores = [router_scores(model, batches, adapter_name) for batches in (task_batches, unrelated_batches)]
 
     def abstaining(group: torch.Tensor, spread: float) -> float:
@@ -77,50 +79,3 @@ def calibrate_abstain_spread(
 
     abstained = {k: (abstaining(scores[0], k), abstaining(scores[1], k)) for k in spreads}
     return choose_spread(abstained, max_task_abstain)
-
-
-def calibrate_abstain_distance(
-    model,
-    task_batches: Iterable[dict],
-    unrelated_batches: Iterable[dict],
-    distances: Iterable[float] = DISTANCES,
-    max_task_abstain: float = 0.01,
-    adapter_name: str = "default",
-) -> float | None:
-    """`choose_spread` over ``distances`` from held-out task inputs and unrelated inputs: the
-    ``router_abstain_distance`` for a prototype router under sequence routing, with the adapter's other abstaining
-    settings as they are (an input kept from every task by them abstains at any distance)."""
-    _sequence_prototype_router(model, adapter_name, "calibrate_abstain_distance")
-    config = model.peft_config[adapter_name]
-    chosen = config.router_abstain_distance
-    abstained = {}
-    try:
-        for k in distances:
-            config.router_abstain_distance = k
-            groups = [router_gates(model, batches, adapter_name) for batches in (task_batches, unrelated_batches)]
-            abstained[k] = tuple(float((gates.sum(dim=-1) < 0.5).float().mean()) for gates in groups)
-    finally:
-        config.router_abstain_distance = chosen
-    return choose_spread(abstained, max_task_abstain)
-
-
-@torch.no_grad()
-def router_gates(model, batches: Iterable[dict], adapter_name: str | None = None) -> torch.Tensor:
-    """Each input's gates per task (inputs, tasks), from model-input batches (``input_ids``, ...)."""
-    model.eval()
-    with RoutingRecorder(model, adapter_name) as recorder:
-        for batch in batches:
-            model(**batch)
-    return recorder.take()
-
-
-def _sequence_prototype_router(model, adapter_name: str, caller: str):
-    """The router that holds the adapter's prototypes, which must route per sequence (one score per input)."""
-    router = sparta_layers(model)[0].router(adapter_name).state_owner
-    if router.config.router != "prototype" or router.granularity != "sequence":
-        raise ValueError(
-            f"{caller} needs the prototype router under sequence routing (router='prototype', "
-            f"router_granularity 'sequence' or 'auto'); this adapter routes with {router.config.router!r} per "
-            f"{router.granularity}. Use calibrate_abstain_threshold instead."
-        )
-    return router

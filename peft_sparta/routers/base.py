@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import DEFAULT_ABSTAIN_DISTANCE, DEFAULT_ABSTAIN_SPREAD
+from ..config import DEFAULT_ABSTAIN_SPREAD
 from .context import RoutingContext
 
 
@@ -52,8 +52,8 @@ class Router(nn.Module):
     a training forward of the current task teaches the router's state), `loss` (a differentiable router loss) and
     `add_task` / `remove_task` / `frozen_parameters` for their state.
     The gates are a softmax over tasks of score / temperature (the `choice_scores`, by default the scores),
-    optionally restricted to the top k tasks and zeroed for an input whose best score is under the abstain threshold,
-    that reaches no task's floor (`score_floors`) or that lies beyond every task's distance limit (`near_tasks`).
+    optionally restricted to the top k tasks and zeroed for an input whose best score is under the abstain threshold
+    or that reaches no task's floor (`score_floors`).
 
     ``config`` is read at every call (not copied), so settings changed on ``peft_config`` apply at once.
     """
@@ -112,13 +112,12 @@ class Router(nn.Module):
         return []
 
     def gates(self, queries: torch.Tensor, branches: Branches) -> torch.Tensor:
-        """Gates (..., tasks) for unit queries under the configured temperature, top_k, abstain threshold, per-task
-        floors and distance limit: abstaining compares the scores and distances, the choice among tasks the
-        `choice_scores`."""
+        """Gates (..., tasks) for unit queries under the configured temperature, top_k, abstain threshold and per-task
+        floors: abstaining compares the scores, the choice among tasks the `choice_scores`."""
         config = self.config
         owner = self.state_owner
         scores = self.scores(queries, branches)
-        spread, distance = self.abstain_spread, self.abstain_distance
+        spread = self.abstain_spread
         floors = None if spread is None else owner.score_floors(spread).to(scores.device)
         return gates_from_scores(
             scores,
@@ -127,7 +126,6 @@ class Router(nn.Module):
             config.router_abstain_threshold,
             floors,
             owner.choice_scores(queries, scores),
-            None if distance is None else owner.near_tasks(queries, distance),
         )
 
     def choice_scores(self, queries: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -143,15 +141,6 @@ class Router(nn.Module):
         if spread != "auto":
             return spread
         return DEFAULT_ABSTAIN_SPREAD if self._prototypes_per_sequence else None
-
-    @property
-    def abstain_distance(self) -> Optional[float]:
-        """``router_abstain_distance`` with "auto" resolved: `DEFAULT_ABSTAIN_DISTANCE` for the prototype router under
-        sequence routing, where the benchmark's calibration splits chose it; no limit otherwise."""
-        distance = self.config.router_abstain_distance
-        if distance != "auto":
-            return distance
-        return DEFAULT_ABSTAIN_DISTANCE if self._prototypes_per_sequence else None
 
     @property
     def metric(self) -> str:
@@ -170,11 +159,6 @@ class Router(nn.Module):
     def score_floors(self, spread: float) -> torch.Tensor:
         """Each task's lowest score (tasks,) that still routes to it under ``router_abstain_spread`` = ``spread``."""
         raise NotImplementedError(f"{type(self).__name__} has no per-task score floor; use router='prototype'.")
-
-    def near_tasks(self, queries: torch.Tensor, distance: float) -> torch.Tensor:
-        """Whether each unit query (..., d) lies within ``router_abstain_distance`` = ``distance`` of some task
-        (..., 1)."""
-        raise NotImplementedError(f"{type(self).__name__} has no distance limit; use router='prototype'.")
 
     def route(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches, training: bool) -> Routing:
         """Which task branches to compute for ``x``, their gates and the router's loss.
@@ -206,7 +190,7 @@ class Router(nn.Module):
             return self.gates(self.queries(x, context), branches)
         config = self.config
         key = (id(self.state_owner), len(branches), config.router_temperature, config.top_k,
-               config.router_abstain_threshold, self.abstain_spread, self.abstain_distance, self.metric)  # fmt: skip
+               config.router_abstain_threshold, self.abstain_spread, self.metric)  # fmt: skip
         gates = context.sequence_gates.get(key)
         if gates is None:
             gates = self.gates(self.queries(x, context), branches)
@@ -221,8 +205,7 @@ class Router(nn.Module):
     def _is_constant(self, tasks: int) -> bool:
         """A single task that no input abstains from: every input goes to it with gate 1."""
         config = self.config
-        limits = (config.router_abstain_threshold, self.abstain_spread, self.abstain_distance)
-        return tasks == 1 and all(limit is None for limit in limits)
+        return tasks == 1 and config.router_abstain_threshold is None and self.abstain_spread is None
 
 
 def gates_from_scores(
@@ -232,13 +215,12 @@ def gates_from_scores(
     abstain_threshold: Optional[float] = None,
     floors: Optional[torch.Tensor] = None,
     choice_scores: Optional[torch.Tensor] = None,
-    near: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Softmax over tasks of ``choice_scores`` (default: ``scores``) / temperature; with top_k, zero outside the k
     best tasks and renormalise. Zero gates (no task branch for that input) for every query whose best score is below
-    ``abstain_threshold``, for every query that reaches no task's floor (``floors``: (tasks,) lowest score that
-    routes to each task), and for every query that ``near`` ((..., 1) booleans) marks False: near no task."""
-    routed = torch.ones_like(scores[..., :1], dtype=torch.bool) if near is None else near.to(scores.device)
+    ``abstain_threshold``, and for every query that reaches no task's floor (``floors``: (tasks,) lowest score that
+    routes to each task)."""
+    routed = torch.ones_like(scores[..., :1], dtype=torch.bool)
     if abstain_threshold is not None:
         routed &= scores.amax(dim=-1, keepdim=True) >= abstain_threshold
     if floors is not None:

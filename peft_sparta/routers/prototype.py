@@ -60,44 +60,28 @@ class PrototypeRouter(Router):
     def whitened_prototypes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The centre and factor of `discriminant_transform` and the prototypes whitened by them, computed again only
         when the prototypes change (training, add_task, loading, device moves)."""
-        return self._discriminant_state()[:3]
-
-    def _discriminant_state(self) -> tuple[torch.Tensor, ...]:
-        """`whitened_prototypes` and `expected_squared_distances` under them, cached per version of the prototypes."""
         key = tensor_states([self.prototypes, self.counts])
         if self._discriminant is None or not same_tensor_states(self._discriminant[0], key):
             centre, factor = discriminant_transform(self.prototypes, self.counts)
-            expected = expected_squared_distances(self.prototypes, self.counts, factor)
-            self._discriminant = (key, (centre, factor, whiten(self.prototypes, centre, factor), expected))
+            self._discriminant = (key, (centre, factor, whiten(self.prototypes, centre, factor)))
         return self._discriminant[1]
 
-    def near_tasks(self, queries: torch.Tensor, distance: float) -> torch.Tensor:
-        """Whether each unit query (..., d) lies within ``distance`` times the expected distance of some task's
-        prototype in the whitened space (..., 1): `distance_ratios` <= distance^2 for some task."""
-        return (self.distance_ratios(queries) <= distance**2).any(dim=-1, keepdim=True)
-
-    def distance_ratios(self, queries: torch.Tensor) -> torch.Tensor:
-        """Per task (..., tasks), the smallest squared whitened distance of each unit query (..., d) to one of the
-        task's prototypes over that prototype's `expected_squared_distances`: about 1 for the task's own inputs. A
-        task with no prototype of two or more queries has no known spread and gives 0 (it keeps every input)."""
-        centre, factor, prototypes, expected = self._discriminant_state()
-        whitened = whiten(queries, centre, factor)
-        squared = (
-            whitened.pow(2).sum(dim=-1, keepdim=True).unsqueeze(-1)
-            - 2 * torch.einsum("...d,tpd->...tp", whitened, prototypes)
-            + prototypes.pow(2).sum(dim=-1)
-        ).clamp(min=0.0)
-        ratios = (squared / expected).masked_fill(self.counts == 0, float("inf")).amin(dim=-1)
-        return ratios.masked_fill(expected.isinf().all(dim=-1), 0.0)
-
     def score_floors(self, spread: float) -> torch.Tensor:
-        """1 - spread * (1 - m_t) per task, m_t the mean cosine similarity of task t's queries to their prototypes
-        (`task_coherence`). A task with no prototype of two or more queries has no floor (-inf: inputs are never kept
-        from it). A floor stays `FLOOR_TOLERANCE` below 1, so that a task trained on repeats of the same prompts still
-        takes those prompts despite rounding."""
-        mean_similarity, known = task_coherence(self.prototypes, self.counts, lambda coherence: coherence)
+        """1 - spread * (1 - m_t) per task, m_t the mean cosine similarity of task t's queries to their prototypes.
+
+        A prototype is the exact mean of its n unit queries, so its norm R is their mean similarity to it; R is biased
+        upwards for small n (E[R^2] = rho^2 + (1 - rho^2) / n), so each prototype counts with the unbiased estimate
+        of rho, weighted by n. Prototypes of a single query say nothing of the spread and are left out; a task with
+        no other prototype has no floor (-inf: inputs are never kept from it). A floor stays `FLOOR_TOLERANCE` below
+        1, so that a task trained on repeats of the same prompts still takes those prompts despite rounding."""
+        counts = self.counts.float()
+        squared_norms = self.prototypes.float().pow(2).sum(dim=-1)
+        weights = counts * (counts >= 2)
+        unbiased = ((counts * squared_norms - 1) / (counts - 1).clamp(min=1)).clamp(0.0, 1.0).sqrt()
+        total = weights.sum(dim=-1)
+        mean_similarity = (unbiased * weights).sum(dim=-1) / total.clamp(min=1.0)
         floors = (1.0 - spread * (1.0 - mean_similarity)).clamp(max=1.0 - FLOOR_TOLERANCE)
-        return floors.masked_fill(~known, float("-inf"))
+        return floors.masked_fill(total == 0, float("-inf"))
 
     def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> None:
         queries = self.state_queries(x, self.queries(x, context), context)
@@ -122,39 +106,6 @@ def prototype_scores(queries: torch.Tensor, prototypes: torch.Tensor, counts: to
     similarity = torch.einsum("...d,tpd->...tp", queries.float(), centroids)
     similarity = similarity.masked_fill(counts == 0, EMPTY_TASK_SCORE)
     return similarity.amax(dim=-1)
-
-
-def prototype_coherence(prototypes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per prototype (tasks, P), the estimated mean cosine similarity rho of the unit queries it averages to their
-    mean. A prototype is the exact mean of its n queries, so its norm R is their mean similarity to it; R is biased
-    upwards for small n (E[R^2] = rho^2 + (1 - rho^2) / n), so rho comes from the unbiased estimate of rho^2."""
-    counts = counts.float()
-    squared_norms = prototypes.float().pow(2).sum(dim=-1)
-    return ((counts * squared_norms - 1) / (counts - 1).clamp(min=1)).clamp(0.0, 1.0).sqrt()
-
-
-def task_coherence(prototypes: torch.Tensor, counts: torch.Tensor, statistic) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per task (tasks,), the mean of ``statistic`` of `prototype_coherence` over the task's prototypes, weighted by
-    their counts, and whether the task has any prototype to estimate it from. Prototypes of a single query say
-    nothing of the spread and are left out."""
-    weights = counts.float() * (counts >= 2)
-    total = weights.sum(dim=-1)
-    mean = (statistic(prototype_coherence(prototypes, counts)) * weights).sum(dim=-1) / total.clamp(min=1.0)
-    return mean, total > 0
-
-
-def expected_squared_distances(prototypes: torch.Tensor, counts: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Per prototype (tasks, P), the expected squared distance, whitened by ``factor`` (the L of
-    `discriminant_transform`), of a new input of its task to it; inf where it cannot be estimated.
-
-    A task's unit queries spread around their prototype with total variance 1 - rho^2 (`prototype_coherence`, mean
-    over the task's prototypes); taking that spread to be shaped like the metric's covariance C = L L^T, whitening
-    leaves (1 - rho^2) * d / trace(C) of it, and a prototype of n queries adds 1 / n of that as its own error.
-    """
-    variance, known = task_coherence(prototypes, counts, lambda coherence: 1.0 - coherence.pow(2))
-    per_query = variance * factor.shape[0] / factor.pow(2).sum()
-    expected = per_query.unsqueeze(-1) * (1.0 + 1.0 / counts.float().clamp(min=1.0))
-    return expected.masked_fill(~known.unsqueeze(-1), float("inf"))
 
 
 def discriminant_transform(
