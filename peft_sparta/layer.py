@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -391,4 +392,10 @@ class Linear(nn.Module, SpaRTALayer):
 
 def sparta_layers(module: nn.Module) -> list[SpaRTALayer]:
     """Every SpaRTA layer inside ``module``, in module order."""
-    return [child for child in module.modules() if isinstance(child, SpaRTALayer)]
+    return list(iter_sparta_layers(module))
+
+
+def iter_sparta_layers(module: nn.Module) -> Iterator[SpaRTALayer]:
+    """The SpaRTA layers inside ``module``, in module order, found one at a time: a search that stops at the first
+    layer it needs does not walk the whole model."""
+    return (child for child in module.modules() if isinstance(child, SpaRTALayer))

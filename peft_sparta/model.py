@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import check_checkpoint, check_task_count, current_key, drop_per_layer_router_copies
 from .config import SpaRTAConfig
-from .layer import Linear, SpaRTALayer, sparta_layers
+from .layer import Linear, SpaRTALayer, iter_sparta_layers, sparta_layers
 from .optimizer_guard import guard_optimizers_of
 from .restoration import RestorePoint, count_optimizer_steps_of, restore, take_restore_point
 from .routers import Router, RoutingContext
@@ -215,7 +215,7 @@ class SpaRTAModel(BaseTuner):
     def _needs_sequence_query(self) -> bool:
         return any(
             layer.sparta_router[name].granularity == "sequence"
-            for layer in sparta_layers(self.model)
+            for layer in iter_sparta_layers(self.model)
             for name in layer.active_adapters
             if name in layer.sparta_router
         )

@@ -11,6 +11,7 @@ the module gated_lowrank_triton ("triton", CUDA; imported only then), which expo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -53,10 +54,21 @@ def _stack(blocks: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(list(blocks), dim=dim) if len(blocks) > 1 else blocks[0]
 
 
-def _membership(ranks: tuple[int, ...], scales: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """P (n, R): P[i, c] = scale_i when column c belongs to block i, else 0."""
-    rows = [torch.full((1, rank), scale, dtype=like.dtype, device=like.device) for rank, scale in zip(ranks, scales)]
-    return torch.block_diag(*rows)
+@functools.lru_cache(maxsize=256)
+def _membership(
+    ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P (n, R): P[i, c] = scale_i when column c belongs to block i, else 0, and its column sums (R,) (the factor of
+    every column when there are no gates). Built once per layout: every training step of a layer asks for the same."""
+    rows = [torch.full((1, rank), scale, dtype=dtype, device=device) for rank, scale in zip(ranks, scales)]
+    membership = torch.block_diag(*rows)
+    return membership, membership.sum(dim=0)
+
+
+def _column_factors(gates: torch.Tensor | None, ranks, scales, like: torch.Tensor) -> torch.Tensor:
+    """C = g P (N, R), or P's column sums (R,) when there are no gates."""
+    membership, column_sums = _membership(ranks, scales, like.dtype, like.device)
+    return column_sums if gates is None else gates @ membership
 
 
 class GatedLowRankTorch:
@@ -86,8 +98,7 @@ class GatedLowRankTorch:
         h: torch.Tensor, gates: torch.Tensor | None, ranks: tuple[int, ...], scales: tuple[float, ...]
     ) -> torch.Tensor:
         """z = h * (g P): every column of block i multiplied by scale_i * gate_i of its row."""
-        membership = _membership(ranks, scales, h)
-        return h * (membership.sum(dim=0) if gates is None else gates @ membership)
+        return h * _column_factors(gates, ranks, scales, h)
 
     @staticmethod
     def gate_scale_backward(
@@ -98,9 +109,8 @@ class GatedLowRankTorch:
         scales: tuple[float, ...],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """dh = dz * (g P) and, when h is given, dg = (dz * h) P^T (the per-block column sums times the scale)."""
-        membership = _membership(ranks, scales, dz)
-        dh = dz * (membership.sum(dim=0) if gates is None else gates @ membership)
-        return dh, (dz * h) @ membership.T if h is not None else None
+        dh = dz * _column_factors(gates, ranks, scales, dz)
+        return dh, (dz * h) @ _membership(ranks, scales, dz.dtype, dz.device)[0].T if h is not None else None
 
 
 def _runs(needed: Sequence[bool]) -> list[tuple[int, int]]:
