@@ -78,14 +78,17 @@ def synchronize(device: torch.device) -> None:
 def interleaved_medians(steps: dict, device: torch.device, warmup: int, repeats: int) -> dict:
     """Median wall time of each ``steps[key]()``, after ``warmup`` untimed calls each, timed in turns (one call of
     every step per round): a machine that speeds up or slows down during the run (shared hosts, clock changes) then
-    shifts every step alike, and the ratios between them hold."""
+    shifts every step alike, and the ratios between them hold. Every other round runs the steps in reverse order, so
+    that no step always follows the same one (a step can leave caches and the allocator in a state that speeds up or
+    slows down the next)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     synchronize(device)
     times = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
+    for round_index in range(repeats):
+        order = list(steps.items())
+        for key, step in order if round_index % 2 == 0 else reversed(order):
             start = time.perf_counter()
             step()
             synchronize(device)
