@@ -2,10 +2,10 @@
 
 Per task count: trainable and stored adapter parameters, the saved adapter file's size, the training step of the
 newest task (forward, backward and AdamW step, as configured by default; also with the orthogonality penalty at
-`PENALTY_WEIGHT`, to show its cost where it is turned on), top_k=1
-inference (one forward of a batch, as a deployed adapter runs it) and the router's time (the routing context and
-every layer's `Router.decide`) in the first inference after the training steps, which also refreshes what the router
-derives from the prototypes those steps moved, as a share of an inference; each time also as a ratio to one task. The earlier tasks' branches are synthetic (added with
+`PENALTY_WEIGHT`, to show its cost where it is turned on), top_k=1 inference (one forward of a batch, as a deployed
+adapter runs it) and the router's time (the routing context and every layer's `Router.decide`) in the first inference
+after the training steps, which also refreshes what the router derives from the prototypes those steps moved, as a
+share of an inference; each time also as a ratio to one task. The earlier tasks' branches are synthetic (added with
 ``add_task`` and never trained: costs do not depend on the weights), but each task's router prototypes are learned
 from training-mode forwards of its own tokens (a vocabulary slice per task), so that top_k=1 routes every input to
 one task as a trained adapter does; with empty prototypes every task would tie and every branch would run.

@@ -65,9 +65,9 @@ def _membership(
     return membership, membership.sum(dim=0)
 
 
-def _column_factors(gates: torch.Tensor | None, ranks, scales, like: torch.Tensor) -> torch.Tensor:
-    """C = g P (N, R), or P's column sums (R,) when there are no gates."""
-    membership, column_sums = _membership(ranks, scales, like.dtype, like.device)
+def _column_factors(gates: torch.Tensor | None, layout: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """C = g P (N, R), or P's column sums (R,) when there are no gates, for the `_membership` ``layout``."""
+    membership, column_sums = layout
     return column_sums if gates is None else gates @ membership
 
 
@@ -98,7 +98,7 @@ class GatedLowRankTorch:
         h: torch.Tensor, gates: torch.Tensor | None, ranks: tuple[int, ...], scales: tuple[float, ...]
     ) -> torch.Tensor:
         """z = h * (g P): every column of block i multiplied by scale_i * gate_i of its row."""
-        return h * _column_factors(gates, ranks, scales, h)
+        return h * _column_factors(gates, _membership(ranks, scales, h.dtype, h.device))
 
     @staticmethod
     def gate_scale_backward(
@@ -109,8 +109,9 @@ class GatedLowRankTorch:
         scales: tuple[float, ...],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """dh = dz * (g P) and, when h is given, dg = (dz * h) P^T (the per-block column sums times the scale)."""
-        dh = dz * _column_factors(gates, ranks, scales, dz)
-        return dh, (dz * h) @ _membership(ranks, scales, dz.dtype, dz.device)[0].T if h is not None else None
+        layout = _membership(ranks, scales, dz.dtype, dz.device)
+        dh = dz * _column_factors(gates, layout)
+        return dh, (dz * h) @ layout[0].T if h is not None else None
 
 
 def _runs(needed: Sequence[bool]) -> list[tuple[int, int]]:
