@@ -20,7 +20,13 @@ from pathlib import Path
 from common import markdown_table
 
 
-METRICS = {"AA": "AA", "BWT": "BWT", "learning_accuracy": "learning acc", "routing_accuracy": "routing acc"}
+METRICS = {
+    "AA": "AA",
+    "BWT": "BWT",
+    "learning_accuracy": "learning acc",
+    "forced_learning_accuracy": "forced learning acc",
+    "routing_accuracy": "routing acc",
+}
 
 
 def spread(values: list[float]) -> dict:
