@@ -88,11 +88,6 @@ class SpaRTAConfig(PeftConfig):
             True: B zero and A Kaiming as in LoRA, so a fresh branch changes nothing. "spectral": B zero and A taken
             from consecutive slices of the right singular vectors of the base weight, so all branches start exactly
             orthogonal. False: random non-zero B (for tests only).
-        task_init (`str`, *optional*, defaults to `"fresh"`):
-            How a task branch added after the first starts. "fresh": as ``init_weights`` says (B zero: the new task
-            starts from the base model and the shared branch). "previous": a copy of the last task's trained branch,
-            so the new task starts where the previous one ended, as a sequentially trained LoRA does; the earlier
-            branch stays frozen as it was.
         router (`str`, *optional*, defaults to `"prototype"`):
             "prototype": parameter-free nearest-prototype router built from each task's inputs. "learned": one
             trainable key per task trained with the router loss. "spectral": training-free, routes by the projection
@@ -227,13 +222,6 @@ class SpaRTAConfig(PeftConfig):
         metadata={
             "help": "True: B zero, A Kaiming (a fresh branch is a no-op). 'spectral': B zero, A from the base "
             "weight's singular vectors, branches exactly orthogonal. False: random non-zero B (tests only)."
-        },
-    )
-    task_init: Literal["fresh", "previous"] = field(
-        default="fresh",
-        metadata={
-            "help": "How a task branch added after the first starts: 'fresh' (as init_weights says) or 'previous' "
-            "(a copy of the last task's trained branch)."
         },
     )
     router: RouterName = field(
@@ -410,7 +398,6 @@ class SpaRTAConfig(PeftConfig):
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}.")
         _check_choice("init_weights", self.init_weights, (True, False, "spectral"))
-        _check_choice("task_init", self.task_init, ("fresh", "previous"))
         _check_choice("router", self.router, get_args(RouterName))
         _check_choice("router_granularity", self.router_granularity, get_args(Granularity))
         if self.router == "spectral" and self.router_granularity == "sequence":

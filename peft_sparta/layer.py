@@ -117,10 +117,6 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         if not (self.shares_task_branch(adapter_name) and len(a_tasks)):
             a, b = self._new_branch(config.r_task, a_tasks[0].dtype if len(a_tasks) else torch.float32)
             self._init_branch(adapter_name, a, b, start=config.r_shared + len(a_tasks) * config.r_task)
-            if config.task_init == "previous" and len(a_tasks):
-                with torch.no_grad():
-                    a.copy_(a_tasks[-1])
-                    b.copy_(b_tasks[-1])
             a_tasks.append(a)
             b_tasks.append(b)
         self.sparta_router[adapter_name].add_task()
