@@ -114,10 +114,16 @@ class GatedLowRankTorch:
         return dh, (dz * h) @ layout[0].T if h is not None else None
 
 
-def _trainable(needed: Sequence[bool]) -> list[int]:
-    """The blocks whose weight gradient is computed. Each gets a GEMM of its own: its gradient is then a tensor of its
-    own that autograd hands to the parameter as it is, where a slice of one GEMM over several blocks is copied."""
-    return [index for index, flag in enumerate(needed) if flag]
+def _runs(needed: Sequence[bool]) -> list[tuple[int, int]]:
+    """The maximal runs [start, stop) of consecutive True entries: blocks whose weight gradients one GEMM computes."""
+    runs, start = [], None
+    for index, flag in enumerate([*needed, False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
 
 
 class GatedLowRankFunction(torch.autograd.Function):
@@ -140,8 +146,8 @@ class GatedLowRankFunction(torch.autograd.Function):
     an integer seed (Triton path), and, unless ``recompute``, the (N, R) activation that dB and dg need: z, or h when
     the gates need a gradient (z is then h * C again) -- the N x R elements LoRA keeps for its B. With ``recompute``
     backward rebuilds h from x instead: one more GEMM, N x R elements less. Work: weight gradients only for blocks
-    whose tensor requires grad, one dB and one dA GEMM per such block (in training: the shared and the current
-    branch, LoRA's two GEMMs split by columns); frozen task branches cost nothing but their columns in the stacked
+    whose tensor requires grad, one GEMM per run of adjacent such blocks (in training: the shared and the current
+    branch, one dB and one dA GEMM as LoRA's); frozen task branches cost nothing but their columns in the stacked
     GEMMs; dx only when x requires grad.
 
     Dropout in backward: the torch path runs ``torch.native_dropout`` (the kernel ``F.dropout`` itself uses, so the
@@ -201,13 +207,15 @@ class GatedLowRankFunction(torch.autograd.Function):
             z = kept
         if any(need_b):
             z = impl.gate_scale_forward(h, gates, ranks, scales) if z is None else z
-            for i in _trainable(need_b):
-                b_grads[i] = dy.T @ z[:, starts[i] : starts[i + 1]]
+            for first, stop in _runs(need_b):
+                grads = dy.T @ z[:, starts[first] : starts[stop]]
+                b_grads[first:stop] = grads.split(ranks[first:stop], dim=1)
         if need_x or any(need_a) or need_gates:
             dz = dy @ _stack(weights[n:], dim=1)
             dh, dgates = impl.gate_scale_backward(dz, h if need_gates else None, gates, ranks, scales)
-            for i in _trainable(need_a):
-                a_grads[i] = dh[:, starts[i] : starts[i + 1]].T @ x_dropped
+            for first, stop in _runs(need_a):
+                grads = dh[:, starts[first] : starts[stop]].T @ x_dropped
+                a_grads[first:stop] = grads.split(ranks[first:stop], dim=0)
             if need_x:
                 dx = replay_dropout(dh @ _stack(weights[:n], dim=0))
         return dx, dgates, None, None, None, None, *a_grads, *b_grads
