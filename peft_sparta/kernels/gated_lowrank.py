@@ -126,6 +126,11 @@ def _runs(needed: Sequence[bool]) -> list[tuple[int, int]]:
     return runs
 
 
+def _per_block(grads: torch.Tensor, ranks: tuple[int, ...], dim: int) -> Sequence[torch.Tensor]:
+    """One run's weight gradient cut into its blocks along ``dim``; a run of one block is its gradient as it is."""
+    return (grads,) if len(ranks) == 1 else grads.split(ranks, dim=dim)
+
+
 class GatedLowRankFunction(torch.autograd.Function):
     r"""Fused ``y = ((D(x) A^T) * (g P)) B^T`` over stacked blocks, with frozen-block skipping.
 
@@ -178,8 +183,11 @@ class GatedLowRankFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # run under the forward's autocast state, so that recomputed activations match dy's dtype
+        # run under the forward's autocast state, so that recomputed activations match dy's dtype; entered only when
+        # it differs from the current one, the common case costing no context switch
         device, enabled, dtype = ctx.autocast
+        if enabled == torch.is_autocast_enabled(device) and (not enabled or dtype == torch.get_autocast_dtype(device)):
+            return GatedLowRankFunction._backward(ctx, dy)
         with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
             return GatedLowRankFunction._backward(ctx, dy)
 
@@ -208,14 +216,14 @@ class GatedLowRankFunction(torch.autograd.Function):
         if any(need_b):
             z = impl.gate_scale_forward(h, gates, ranks, scales) if z is None else z
             for first, stop in _runs(need_b):
-                grads = dy.T @ z[:, starts[first] : starts[stop]]
-                b_grads[first:stop] = grads.split(ranks[first:stop], dim=1)
+                b_grads[first:stop] = _per_block(dy.T @ z[:, starts[first] : starts[stop]], ranks[first:stop], dim=1)
         if need_x or any(need_a) or need_gates:
             dz = dy @ _stack(weights[n:], dim=1)
             dh, dgates = impl.gate_scale_backward(dz, h if need_gates else None, gates, ranks, scales)
             for first, stop in _runs(need_a):
-                grads = dh[:, starts[first] : starts[stop]].T @ x_dropped
-                a_grads[first:stop] = grads.split(ranks[first:stop], dim=0)
+                a_grads[first:stop] = _per_block(
+                    dh[:, starts[first] : starts[stop]].T @ x_dropped, ranks[first:stop], dim=0
+                )
             if need_x:
                 dx = replay_dropout(dh @ _stack(weights[:n], dim=0))
         return dx, dgates, None, None, None, None, *a_grads, *b_grads
