@@ -107,13 +107,15 @@ def test_frozen_blocks_and_input_get_no_gradient(backend):
 def test_frozen_blocks_cost_no_weight_gradient_work(monkeypatch):
     """Backward computes weight gradients for the trainable blocks only, one GEMM per run of adjacent ones: dz = dy B,
     then one dB and one dA over the shared and the current block when they are adjacent (the training step), one per
-    block when 4 frozen blocks sit between them; no product covers a frozen block's columns."""
-    shapes = []
+    block when 4 frozen blocks sit between them; no product covers a frozen block's columns. A block alone in its
+    run gets its GEMM's result as gradient, not a copy."""
+    products = []
     real_matmul = torch.Tensor.__matmul__
 
-    def matmul(a, b):
-        shapes.append(tuple(real_matmul(a, b).shape))
-        return real_matmul(a, b)
+    def matmul(a, b):  # keeps no reference, which would make autograd copy the gradient
+        product = real_matmul(a, b)
+        products.append((tuple(product.shape), product.untyped_storage().data_ptr()))
+        return product
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
     for n_tasks in (1, 5):
@@ -122,14 +124,19 @@ def test_frozen_blocks_cost_no_weight_gradient_work(monkeypatch):
         for block in a_blocks[1:-1] + b_blocks[1:-1]:
             block.requires_grad_(False)
         out = gated_lowrank(x, a_blocks, b_blocks, scales, None, backend="torch")
-        shapes.clear()
+        products.clear()
         (out * cotangent).sum().backward()
         assert all(block.grad is None for block in a_blocks[1:-1] + b_blocks[1:-1])
         rank = sum(a.shape[0] for a in a_blocks)
         trainable = [a_blocks[0].shape[0], a_blocks[-1].shape[0]]
+        shapes = [shape for shape, _ in products]
         shapes.remove((6, rank))  # dz
         runs = [sum(trainable)] if n_tasks == 1 else trainable
         assert sorted(shapes) == sorted([(OUT_FEATURES, r) for r in runs] + [(r, 7) for r in runs])
+        if n_tasks > 1:
+            storages = {storage for _, storage in products}
+            for block in (a_blocks[0], a_blocks[-1], b_blocks[0], b_blocks[-1]):
+                assert block.grad.untyped_storage().data_ptr() in storages
 
 
 @pytest.mark.parametrize(
