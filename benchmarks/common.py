@@ -86,8 +86,8 @@ def interleaved_medians(steps: dict, device: torch.device, warmup: int, repeats:
             step()
     synchronize(device)
     times = {key: [] for key in steps}
+    order = list(steps.items())
     for round_index in range(repeats):
-        order = list(steps.items())
         for key, step in order if round_index % 2 == 0 else reversed(order):
             start = time.perf_counter()
             step()

@@ -131,6 +131,11 @@ def _per_block(grads: torch.Tensor, ranks: tuple[int, ...], dim: int) -> Sequenc
     return (grads,) if len(ranks) == 1 else grads.split(ranks, dim=dim)
 
 
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The autocast dtype in effect on ``device``, or None when autocast is off there."""
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class GatedLowRankFunction(torch.autograd.Function):
     r"""Fused ``y = ((D(x) A^T) * (g P)) B^T`` over stacked blocks, with frozen-block skipping.
 
@@ -178,17 +183,17 @@ class GatedLowRankFunction(torch.autograd.Function):
         ctx.save_for_backward(x, gates, mask, kept, *weights)
         ctx.ranks, ctx.scales, ctx.dropout_p, ctx.impl, ctx.seed = ranks, scales, dropout_p, impl, seed
         device = x.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = (device, _autocast_dtype(device))
         return F.linear(z, _stack(weights[n:], dim=1))
 
     @staticmethod
     def backward(ctx, dy):
         # run under the forward's autocast state, so that recomputed activations match dy's dtype; entered only when
         # it differs from the current one, the common case costing no context switch
-        device, enabled, dtype = ctx.autocast
-        if enabled == torch.is_autocast_enabled(device) and (not enabled or dtype == torch.get_autocast_dtype(device)):
+        device, dtype = ctx.autocast
+        if dtype == _autocast_dtype(device):
             return GatedLowRankFunction._backward(ctx, dy)
-        with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
             return GatedLowRankFunction._backward(ctx, dy)
 
     @staticmethod
