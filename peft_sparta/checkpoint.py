@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import re
 
-from .config import SpaRTAConfig
+import torch
+
+from .config import QUERY_SCATTER_FORMAT_VERSION, SpaRTAConfig
 from .errors import SpaRTALoadError
 
 
@@ -31,6 +33,19 @@ def drop_per_layer_router_copies(checkpoint: dict, expected: dict, config: SpaRT
     if config.format_version >= 3:
         return checkpoint
     return {key: value for key, value in checkpoint.items() if ".sparta_router." not in key or key in expected}
+
+
+def add_query_scatter_of_older_versions(checkpoint: dict, expected: dict, config: SpaRTAConfig) -> dict:
+    """Format versions before 5 kept no query spread: such an adapter loads with a zero ``query_scatter`` and
+    ``query_count``, under which the discriminant metric whitens by the prototypes' spread alone, as it did then."""
+    if config.format_version >= QUERY_SCATTER_FORMAT_VERSION:
+        return checkpoint
+    spread = {
+        key: torch.zeros_like(value)
+        for key, value in expected.items()
+        if ".sparta_router." in key and key.endswith((".query_scatter", ".query_count")) and key not in checkpoint
+    }
+    return {**checkpoint, **spread}
 
 
 def check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:

@@ -15,11 +15,16 @@ from .registration import PEFT_TYPE_SPARTA
 
 #: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code. The newest
 #: version, read and written by this code.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 #: The version per-task adapters (``task_branches="per_task"``) are written in, which releases before version 4 read;
 #: version 4 marks adapters with ``task_branches="shared"``, which those releases would read as per-task ones.
 PER_TASK_FORMAT_VERSION = 3
+SHARED_BRANCH_FORMAT_VERSION = 4
+
+#: The version of adapters whose prototype router may keep the query spread (``query_scatter``, a tensor releases
+#: before version 5 reject); older adapters load without it (`checkpoint.add_query_scatter_of_older_versions`).
+QUERY_SCATTER_FORMAT_VERSION = 5
 
 #: Fields read at every forward, so that changing them on `peft_config` takes effect at once.
 RUN_TIME_FIELDS = frozenset(
@@ -371,8 +376,10 @@ class SpaRTAConfig(PeftConfig):
 
     def to_dict(self) -> dict:
         """The config as saved: ``format_version`` is the version of the files written now (the oldest that holds this
-        adapter, see `PER_TASK_FORMAT_VERSION`), also for an adapter that was loaded from an older version."""
-        version = FORMAT_VERSION if self.task_branches == "shared" else PER_TASK_FORMAT_VERSION
+        adapter, see the ``*_FORMAT_VERSION`` constants), also for an adapter that was loaded from an older version."""
+        version = SHARED_BRANCH_FORMAT_VERSION if self.task_branches == "shared" else PER_TASK_FORMAT_VERSION
+        if self.router == "prototype" and self.router_metric != "cosine":
+            version = QUERY_SCATTER_FORMAT_VERSION
         return {**super().to_dict(), "format_version": version}
 
     def __setattr__(self, name: str, value) -> None:

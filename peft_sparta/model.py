@@ -16,7 +16,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import check_checkpoint, check_task_count, current_key, drop_per_layer_router_copies
+from .checkpoint import (
+    add_query_scatter_of_older_versions,
+    check_checkpoint,
+    check_task_count,
+    current_key,
+    drop_per_layer_router_copies,
+)
 from .config import SpaRTAConfig
 from .layer import Linear, SpaRTALayer, iter_sparta_layers, sparta_layers
 from .optimizer_guard import guard_optimizers_of
@@ -411,6 +417,7 @@ class SpaRTAModel(BaseTuner):
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         remapped = drop_per_layer_router_copies(remapped, expected, config)
+        remapped = add_query_scatter_of_older_versions(remapped, expected, config)
         check_checkpoint(expected, remapped, config)
         return remapped
 

@@ -121,7 +121,7 @@ def _trained_prototype_router(metric: str, train: torch.Tensor) -> prototype.Pro
     router = prototype.PrototypeRouter(config, "sequence", train.shape[-1])
     for queries in train:
         router.add_task()
-        prototype.update_prototypes(router.prototypes[-1], router.counts[-1], queries)
+        router.learn_queries(queries)
     return router
 
 
@@ -175,16 +175,20 @@ def test_whitened_prototypes_are_computed_again_when_the_prototypes_change():
     router = _trained_prototype_router("discriminant", queries[:2])
 
     def assert_current():
-        centre, factor = prototype.discriminant_transform(router.prototypes, router.counts)
+        centre, factor = prototype.discriminant_transform(router.prototypes, router.counts, router.query_scatter)
         cached_centre, cached_factor, whitened = router.whitened_prototypes()
         torch.testing.assert_close(cached_factor, factor, rtol=0, atol=0)
         torch.testing.assert_close(whitened, prototype.whiten(router.prototypes, centre, factor), rtol=0, atol=0)
 
     assert_current()
     router.add_task()
-    prototype.update_prototypes(router.prototypes[-1], router.counts[-1], queries[2])
+    router.learn_queries(queries[2])
     assert_current()
-    router.load_state_dict({"prototypes": router.prototypes.flip(0), "counts": router.counts.flip(0)})
+    router.load_state_dict(
+        {**router.state_dict(), "prototypes": router.prototypes.flip(0), "counts": router.counts.flip(0)}
+    )
+    assert_current()
+    router.load_state_dict({**router.state_dict(), "query_scatter": router.query_scatter * 2})
     assert_current()
     router.remove_task(0)
     assert_current()
@@ -209,9 +213,53 @@ def test_discriminant_gates_are_the_softmax_of_the_scaled_whitened_cosine():
     queries = _instruction_like_queries(generator, tasks=3, per_task=40)
     router = _trained_prototype_router("discriminant", queries[:, :32])
     test = queries[:, 32:].reshape(-1, queries.shape[-1])
-    centre, factor = prototype.discriminant_transform(router.prototypes, router.counts)
+    centre, factor = prototype.discriminant_transform(router.prototypes, router.counts, router.query_scatter)
     whitened = F.normalize(prototype.whiten(test, centre, factor), dim=-1)
     prototypes = F.normalize(prototype.whiten(router.prototypes, centre, factor), dim=-1)
     cosine = torch.einsum("nd,tpd->ntp", whitened, prototypes).amax(dim=-1)
     expected = torch.softmax(prototype.DISCRIMINANT_SCORE_SCALE * cosine / router.config.router_temperature, dim=-1)
     torch.testing.assert_close(router.gates(test, [None] * 3), expected)
+
+
+def test_query_scatter_is_the_running_mean_of_the_queries_spread_around_their_prototype():
+    generator = torch.Generator().manual_seed(3)
+    first, second = _instruction_like_queries(generator, tasks=2, per_task=20)
+    config = SpaRTAConfig(target_modules=["q"], router_prototypes=1)
+    router = prototype.PrototypeRouter(config, "sequence", first.shape[-1])
+    router.add_task()
+    router.learn_queries(first)
+    centred = first - first.mean(dim=0)
+    torch.testing.assert_close(router.query_scatter, centred.T @ centred / 20)
+    router.learn_queries(second)
+    residuals = second - router.prototypes[0, 0]
+    torch.testing.assert_close(router.query_scatter, (centred.T @ centred + residuals.T @ residuals) / 40)
+    assert router.query_count == 40
+
+
+def test_query_spread_whitens_what_one_prototype_per_task_does_not_show():
+    """With one prototype per task the prototypes show no spread within a task; the query scatter kept in training
+    does, so that prompts told apart by one weak word route apart, where the prototypes alone misroute."""
+    generator = torch.Generator().manual_seed(0)
+    queries = _instruction_like_queries(generator, tasks=3, per_task=400)
+    train, test = queries[:, :300], queries[:, 300:].reshape(-1, queries.shape[-1])
+    expected = torch.arange(3).repeat_interleave(100)
+    router = prototype.PrototypeRouter(SpaRTAConfig(target_modules=["q"], router_prototypes=1), "sequence", 48)
+    for task_queries in train:
+        router.add_task()
+        for batch in task_queries.split(16):
+            router.learn_queries(batch)
+
+    def accuracy():
+        return (router.gates(test, [None] * 3).argmax(-1) == expected).float().mean().item()
+
+    assert accuracy() == 1.0
+    router.query_scatter.zero_()
+    assert accuracy() < 0.95
+
+
+def test_only_the_discriminant_metric_keeps_a_query_scatter():
+    """It is (d, d): one per adapter under sequence routing, none for the per-layer token routers of the cosine."""
+    config = SpaRTAConfig(target_modules=["q"])
+    assert prototype.PrototypeRouter(config, "sequence", 8).query_scatter.shape == (8, 8)
+    assert prototype.PrototypeRouter(config, "token", 8).query_scatter is None
+    assert "query_scatter" not in prototype.PrototypeRouter(config, "token", 8).state_dict()

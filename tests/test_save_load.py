@@ -10,6 +10,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_sparta import SpaRTAConfig, SpaRTALayer
+from peft_sparta.routers import PrototypeRouter
 from tests.conftest import tiny_llama
 from tests.test_model import LLAMA_TARGETS, train_steps
 
@@ -84,8 +85,12 @@ def test_loaded_adapter_continues_with_a_new_task(tmp_path, input_ids, shared_up
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed & expected == expected, "every trainable tensor trains"
     for name in changed - expected:
-        # the only other tensors that may change: the new task's slot of the router state
-        assert ".sparta_router." in name and name.endswith((".prototypes", ".counts")), name
+        # the only other tensors that may change: the new task's slot of the router state, and the query spread that
+        # every task's training adds to
+        assert ".sparta_router." in name, name
+        if name.endswith((".query_scatter", ".query_count")):
+            continue
+        assert name.endswith((".prototypes", ".counts")), name
         assert torch.equal(before[name][:3], after[name][:3]), f"{name}: a finished task's router state changed"
 
     loaded.save_pretrained(tmp_path / "again")
@@ -119,16 +124,21 @@ VERSION_1_NAMES = {
 
 
 def _write_older_format(folder, version: int) -> None:
-    """Rewrite a saved adapter as versions 1-2 wrote it: the sequence router's state in every adapted layer (version
-    3 keeps it in the first), under version 1's names for version 1."""
+    """Rewrite a saved adapter as versions 1-3 wrote it: without the query spread (kept from version 5 on), with the
+    sequence router's state in every adapted layer for versions 1-2 (version 3 keeps it in the first), under version
+    1's names for version 1."""
     from safetensors.torch import save_file
 
     weights = load_file(folder / "adapter_model.safetensors")
-    router_keys = [key for key in weights if ".sparta_router." in key]
-    owner = router_keys[0].split(".sparta_router.")[0]
-    for layer in {key.split(".sparta_A_shared")[0] for key in weights if key.endswith(".sparta_A_shared")} - {owner}:
-        for key in router_keys:
-            weights[key.replace(owner, layer)] = weights[key].clone()
+    weights = {key: value for key, value in weights.items() if ".query_" not in key}
+    if version < 3:
+        router_keys = [key for key in weights if ".sparta_router." in key]
+        owner = router_keys[0].split(".sparta_router.")[0]
+        for layer in {key.split(".sparta_A_shared")[0] for key in weights if key.endswith(".sparta_A_shared")} - {
+            owner
+        }:
+            for key in router_keys:
+                weights[key.replace(owner, layer)] = weights[key].clone()
     if version == 1:
         for new, old in VERSION_1_NAMES.items():
             weights = {key.replace(new, old): value for key, value in weights.items()}
@@ -137,36 +147,59 @@ def _write_older_format(folder, version: int) -> None:
     (folder / "adapter_config.json").write_text(json.dumps({**config, "format_version": version}))
 
 
-@pytest.mark.parametrize("version", [1, 2])
+def _forget_query_spread(model) -> None:
+    """What the router of an adapter trained before version 5 held: no query spread."""
+    for module in model.modules():
+        if isinstance(module, PrototypeRouter) and module.query_scatter is not None:
+            module.query_scatter.zero_()
+            module.query_count.zero_()
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("router", ["prototype", "learned"])
 def test_older_format_versions_load_to_the_same_outputs(tmp_path, input_ids, router, version):
     model = three_task_model(router=router)
     model.eval()
+    _forget_query_spread(model)
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
     model.save_pretrained(tmp_path)
     _write_older_format(tmp_path, version)
-    assert (
-        len(
-            [
-                key
-                for key in load_file(tmp_path / "adapter_model.safetensors")
-                if "_prototype" in key or "_router" in key
-            ]
-        )
-        > 2
-    )
+    router_keys = [
+        key for key in load_file(tmp_path / "adapter_model.safetensors") if "_prototype" in key or "_router" in key
+    ]
+    assert len(router_keys) > 2 or version == 3, "versions 1-2 hold the router's state in every layer"
 
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=input_ids).logits, expected)
     loaded.save_pretrained(tmp_path / "again")
-    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["format_version"] == 3
+    saved_version = json.loads((tmp_path / "again" / "adapter_config.json").read_text())["format_version"]
+    assert saved_version == (5 if router == "prototype" else 3)
+
+
+def test_query_spread_changes_routing_and_is_saved(tmp_path, input_ids):
+    """The query spread is part of the router's decision, so it travels with the adapter. One prototype per task, so
+    that the queries spread around it; a soft temperature, so that the gates are not one-hot, and no floor, so that
+    no input abstains: every change of the scores shows in the logits."""
+    model = three_task_model(router_prototypes=1, router_temperature=5.0, router_abstain_spread=None)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    model.save_pretrained(tmp_path)
+    assert any(
+        key.endswith("sparta_router.query_scatter") for key in load_file(tmp_path / "adapter_model.safetensors")
+    )
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=input_ids).logits, expected)
+        _forget_query_spread(loaded)
+        assert not torch.equal(loaded(input_ids=input_ids).logits, expected)
 
 
 def test_sequence_router_state_is_stored_once_per_adapter(tmp_path):
     model = three_task_model()
     model.save_pretrained(tmp_path)
     router_keys = [key for key in load_file(tmp_path / "adapter_model.safetensors") if "sparta_router" in key]
-    assert len(router_keys) == 2  # prototypes and counts, once for the whole adapter
+    assert len(router_keys) == 4  # prototypes, counts and the query spread (2), once for the whole adapter

@@ -36,13 +36,19 @@ class PrototypeRouter(Router):
     """Scores a query by its best cosine similarity to each task's prototypes.
 
     State (persistent buffers, saved with the adapter): ``prototypes`` (tasks, P, d) and ``counts`` (tasks, P), the
-    number of training queries each prototype averages (0: not seeded yet).
+    number of training queries each prototype averages (0: not seeded yet); under ``router_metric="discriminant"``
+    also ``query_scatter`` (d, d), the mean of (q - p)(q - p)^T over every training query q and its prototype p, and
+    ``query_count`` (), the number of queries it averages: how prompts vary around their prototype (names, numbers,
+    topic words), which the prototypes alone do not show. It is pooled over tasks and kept when a task is removed.
     """
 
     def __init__(self, config, granularity: str, source_dim: int) -> None:
         super().__init__(config, granularity, source_dim)
         self.register_buffer("prototypes", torch.zeros(0, config.router_prototypes, self.query_dim))
         self.register_buffer("counts", torch.zeros(0, config.router_prototypes, dtype=torch.long))
+        keeps_spread = self.metric == "discriminant"
+        self.register_buffer("query_scatter", torch.zeros(self.query_dim, self.query_dim) if keeps_spread else None)
+        self.register_buffer("query_count", torch.zeros((), dtype=torch.long) if keeps_spread else None)
         self._discriminant = None
 
     def scores(self, queries: torch.Tensor, branches: Branches) -> torch.Tensor:
@@ -60,9 +66,11 @@ class PrototypeRouter(Router):
     def whitened_prototypes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The centre and factor of `discriminant_transform` and the prototypes whitened by them, computed again only
         when the prototypes change (training, add_task, loading, device moves)."""
-        key = tensor_states([self.prototypes, self.counts])
+        key = tensor_states(
+            [self.prototypes, self.counts] + ([] if self.query_scatter is None else [self.query_scatter])
+        )
         if self._discriminant is None or not same_tensor_states(self._discriminant[0], key):
-            centre, factor = discriminant_transform(self.prototypes, self.counts)
+            centre, factor = discriminant_transform(self.prototypes, self.counts, self.query_scatter)
             self._discriminant = (key, (centre, factor, whiten(self.prototypes, centre, factor)))
         return self._discriminant[1]
 
@@ -84,8 +92,13 @@ class PrototypeRouter(Router):
         return floors.masked_fill(total == 0, float("-inf"))
 
     def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> None:
-        queries = self.state_queries(x, self.queries(x, context), context)
-        update_prototypes(self.prototypes[-1], self.counts[-1], queries)
+        self.learn_queries(self.state_queries(x, self.queries(x, context), context))
+
+    def learn_queries(self, queries: torch.Tensor) -> None:
+        """Fold unit queries (N, d) of the current (last) task into its prototypes and into the query spread."""
+        nearest = update_prototypes(self.prototypes[-1], self.counts[-1], queries)
+        if self.query_scatter is not None:
+            update_query_scatter(self.query_scatter, self.query_count, queries, self.prototypes[-1][nearest])
 
     def add_task(self) -> None:
         self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, *self.prototypes.shape[1:])])
@@ -109,18 +122,21 @@ def prototype_scores(queries: torch.Tensor, prototypes: torch.Tensor, counts: to
 
 
 def discriminant_transform(
-    prototypes: torch.Tensor, counts: torch.Tensor, shrinkage: float = DISCRIMINANT_SHRINKAGE
+    prototypes: torch.Tensor,
+    counts: torch.Tensor,
+    query_scatter: Optional[torch.Tensor] = None,
+    shrinkage: float = DISCRIMINANT_SHRINKAGE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The centre (d,) and the lower Cholesky factor L (d, d) of the discriminant metric for prototypes (tasks, P, d)
-    with ``counts`` (tasks, P).
+    with ``counts`` (tasks, P) and the mean ``query_scatter`` (d, d) of the queries around their prototypes.
 
     The centre is the mean of the trained tasks' means (each task's prototypes weighted by their counts), so that
     what every task's prompts share (an instruction template) does not dominate the cosine. L factors the covariance
-    W + shrinkage * (trace(W) / d) * I, W the count-weighted scatter of the prototypes around their own task's mean:
-    directions in which a task's own prompts vary weigh less once whitened by L^-1, directions that only separate
-    tasks keep their weight. The prototypes stand in for the queries (the spread of queries around their prototype is
-    not kept), so the adapter stores nothing for it; the shrinkage keeps the covariance invertible with fewer
-    prototypes than dimensions.
+    W + shrinkage * (trace(W) / d) * I, W the within-task scatter: the count-weighted scatter of the prototypes around
+    their own task's mean plus ``query_scatter`` (the two parts of the queries' scatter around their task's mean).
+    Directions in which a task's own prompts vary weigh less once whitened by L^-1, directions that only separate
+    tasks keep their weight. Without ``query_scatter`` (adapters saved before it was kept) the prototypes' part
+    stands alone; the shrinkage keeps the covariance invertible with fewer queries than dimensions.
     """
     points = prototypes.float()
     weights = counts.float().unsqueeze(-1)
@@ -130,6 +146,8 @@ def discriminant_transform(
     centre = task_means[trained].mean(dim=0) if trained.any() else points.new_zeros(points.shape[-1])
     deviations = ((points - task_means.unsqueeze(1)) * weights.sqrt()).reshape(-1, points.shape[-1])
     scatter = deviations.T @ deviations / weights.sum().clamp(min=1.0)
+    if query_scatter is not None:
+        scatter = scatter + query_scatter.float()
     variance = (scatter.trace() / scatter.shape[0]).clamp(min=1e-12)
     identity = torch.eye(scatter.shape[0], device=scatter.device)
     return centre, torch.linalg.cholesky(scatter + shrinkage * variance * identity)
@@ -144,8 +162,9 @@ def whiten(vectors: torch.Tensor, centre: torch.Tensor, factor: torch.Tensor) ->
 
 
 @torch.no_grad()
-def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor) -> None:
-    """One step of online (mini-batch) k-means of unit queries (N, d) into prototypes (P, d), in place.
+def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """One step of online (mini-batch) k-means of unit queries (N, d) into prototypes (P, d), in place; returns the
+    index (N,) of each query's prototype.
 
     Empty prototypes are seeded with the first queries; every query then moves its nearest prototype towards it with
     step 1 / count, so each prototype is the exact mean of the queries assigned to it. Under data parallelism the
@@ -164,6 +183,24 @@ def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queries: t
     updated = (prototypes.float() * counts.unsqueeze(-1) + sums) / new_counts.clamp(min=1).unsqueeze(-1)
     prototypes.copy_(torch.where(new_counts.unsqueeze(-1) > 0, updated, prototypes.float()).to(prototypes.dtype))
     counts.copy_(new_counts)
+    return nearest
+
+
+@torch.no_grad()
+def update_query_scatter(scatter: torch.Tensor, count: torch.Tensor, queries: torch.Tensor, prototypes: torch.Tensor):
+    """Fold queries (N, d) and their prototypes (N, d) into the running mean ``scatter`` (d, d) of
+    (q - p)(q - p)^T over ``count`` queries, in place. A mean, not a sum, so that it fits any dtype the model is cast
+    to. Under data parallelism every rank's queries count, so every rank holds the same scatter."""
+    residuals = queries.float() - prototypes.float()
+    total = residuals.T @ residuals
+    added = torch.tensor(residuals.shape[0], device=count.device)
+    if _is_data_parallel():
+        dist.all_reduce(total)
+        dist.all_reduce(added)
+    new_count = count + added
+    share = count / new_count.clamp(min=1)
+    scatter.copy_((scatter.float() * share + total / new_count.clamp(min=1)).to(scatter.dtype))
+    count.copy_(new_count)
 
 
 def _seed_empty_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor) -> None:
