@@ -1,8 +1,9 @@
 """Size of a saved SpaRTA adapter and of its router state, SmolLM2-135M shape (30 layers, 7 projections adapted).
 
-The router state under sequence routing (prototypes and counts) is stored once per adapter since format version 3;
-versions 1-2 stored an identical copy in every adapted layer. The table gives the measured file size and, for
-comparison, what the per-layer copies would add (the measured router-state bytes times the other adapted layers).
+The router state under sequence routing (prototypes and counts, and since format version 5 the query spread) is
+stored once per adapter since format version 3; versions 1-2 stored an identical copy of the prototypes and counts
+in every adapted layer. The table gives the measured file size and router state and, for comparison, what the
+per-layer copies would add (the measured bytes of prototypes and counts times the other adapted layers).
 A randomly initialised model of the real shape is used: sizes do not depend on the weights.
 
     python benchmarks/adapter_size.py --out benchmarks/results/adapter-size
@@ -43,14 +44,15 @@ def measure(tasks: int) -> dict:
         path = Path(folder) / "adapter_model.safetensors"
         weights = load_file(path)
         file_bytes = path.stat().st_size
-    router_bytes = sum(v.numel() * v.element_size() for k, v in weights.items() if ".sparta_router." in k)
+    router = {k: v.numel() * v.element_size() for k, v in weights.items() if ".sparta_router." in k}
+    copied_bytes = sum(size for key, size in router.items() if key.endswith((".prototypes", ".counts")))
     layers = len({k.split(".sparta_A_shared")[0] for k in weights if k.endswith("sparta_A_shared")})
-    per_layer_bytes = file_bytes + (layers - 1) * router_bytes
+    per_layer_bytes = file_bytes + (layers - 1) * copied_bytes
     return {
         "tasks": tasks,
         "adapted_layers": layers,
         "file_mb": file_bytes / 1e6,
-        "router_state_mb": router_bytes / 1e6,
+        "router_state_mb": sum(router.values()) / 1e6,
         "per_layer_layout_mb": per_layer_bytes / 1e6,
     }
 

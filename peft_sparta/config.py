@@ -134,13 +134,14 @@ class SpaRTAConfig(PeftConfig):
         router_metric (`str`, *optional*, defaults to `"auto"`):
             How the prototype router compares a query with the prototypes when it chooses among tasks (the gates'
             softmax and top_k). "cosine": cosine similarity. "discriminant": cosine similarity after centring on the
-            tasks' mean and whitening by the spread of each task's prototypes around its own mean (shrunk towards
-            the identity), as in linear discriminant analysis: what a task's own prompts vary in (names, numbers,
-            topic words) counts less than what tells tasks apart, so prompts that differ in one instruction word
-            route apart. Its similarities are scaled by ``DISCRIMINANT_SCORE_SCALE`` (0.25) before the softmax, so
-            that the default temperature leaves text of no task as mixed as the cosine does. It is computed from the
-            prototypes alone (nothing more is stored) once per change of them, and costs one triangular solve per
-            query. Abstaining (``router_abstain_threshold``,
+            tasks' mean and whitening by the spread of each task's training queries around its own mean (shrunk
+            towards the identity), as in linear discriminant analysis: what a task's own prompts vary in (names,
+            numbers, topic words) counts less than what tells tasks apart, so prompts that differ in one instruction
+            word route apart. Its similarities are scaled by ``DISCRIMINANT_SCORE_SCALE`` (0.25) before the softmax,
+            so that the default temperature leaves text of no task as mixed as the cosine does. The spread comes from
+            the prototypes and one (d, d) matrix kept in training and saved with the adapter (``query_scatter``: how
+            queries spread around their prototype, d the query size); the transform is computed again once per change
+            of them, and costs one triangular solve per query. Abstaining (``router_abstain_threshold``,
             ``router_abstain_spread``) always compares the plain cosine similarity. "auto": "discriminant" for the
             prototype router under sequence routing, "cosine" otherwise (under token routing the solve would run for
             every token of every layer).
