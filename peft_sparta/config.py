@@ -139,9 +139,9 @@ class SpaRTAConfig(PeftConfig):
             numbers, topic words) counts less than what tells tasks apart, so prompts that differ in one instruction
             word route apart. Its similarities are scaled by ``DISCRIMINANT_SCORE_SCALE`` (0.25) before the softmax,
             so that the default temperature leaves text of no task as mixed as the cosine does. The spread comes from
-            the prototypes and one (d, d) matrix kept in training and saved with the adapter (``query_scatter``: how
-            queries spread around their prototype, d the query size); the transform is computed again once per change
-            of them, and costs one triangular solve per query. Abstaining (``router_abstain_threshold``,
+            the prototypes and, under sequence routing, one (d, d) matrix kept in training and saved with the adapter
+            (``query_scatter``: how queries spread around their prototype, d the query size); the transform is
+            computed again once per change of them, and costs one triangular solve per query. Abstaining (``router_abstain_threshold``,
             ``router_abstain_spread``) always compares the plain cosine similarity. "auto": "discriminant" for the
             prototype router under sequence routing, "cosine" otherwise (under token routing the solve would run for
             every token of every layer).

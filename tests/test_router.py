@@ -258,8 +258,11 @@ def test_query_spread_whitens_what_one_prototype_per_task_does_not_show():
 
 
 def test_only_the_discriminant_metric_keeps_a_query_scatter():
-    """It is (d, d): one per adapter under sequence routing, none for the per-layer token routers of the cosine."""
+    """It is (d, d): one per adapter under sequence routing, none for the per-layer token routers (by default they
+    compare by cosine; with the discriminant metric asked for they whiten by the prototypes alone)."""
     config = SpaRTAConfig(target_modules=["q"])
     assert prototype.PrototypeRouter(config, "sequence", 8).query_scatter.shape == (8, 8)
     assert prototype.PrototypeRouter(config, "token", 8).query_scatter is None
     assert "query_scatter" not in prototype.PrototypeRouter(config, "token", 8).state_dict()
+    discriminant = SpaRTAConfig(target_modules=["q"], router_metric="discriminant")
+    assert prototype.PrototypeRouter(discriminant, "token", 8).query_scatter is None
