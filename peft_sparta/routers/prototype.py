@@ -189,7 +189,9 @@ def update_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queries: t
 
 
 @torch.no_grad()
-def update_query_scatter(scatter: torch.Tensor, count: torch.Tensor, queries: torch.Tensor, prototypes: torch.Tensor):
+def update_query_scatter(
+    scatter: torch.Tensor, count: torch.Tensor, queries: torch.Tensor, prototypes: torch.Tensor
+) -> None:
     """Fold queries (N, d) and their prototypes (N, d) into the running mean ``scatter`` (d, d) of
     (q - p)(q - p)^T over ``count`` queries, in place. A mean, not a sum, so that it fits any dtype the model is cast
     to. Under data parallelism every rank's queries count, so every rank holds the same scatter."""
