@@ -22,7 +22,7 @@ FORMAT_VERSION = 5
 PER_TASK_FORMAT_VERSION = 3
 SHARED_BRANCH_FORMAT_VERSION = 4
 
-#: The version of adapters whose prototype router may keep the query spread (``query_scatter``, a tensor releases
+#: The version of prototype-router adapters, which may hold the query spread (``query_scatter``, a tensor releases
 #: before version 5 reject); older adapters load without it (`checkpoint.add_query_scatter_of_older_versions`).
 QUERY_SCATTER_FORMAT_VERSION = 5
 
@@ -379,7 +379,7 @@ class SpaRTAConfig(PeftConfig):
         """The config as saved: ``format_version`` is the version of the files written now (the oldest that holds this
         adapter, see the ``*_FORMAT_VERSION`` constants), also for an adapter that was loaded from an older version."""
         version = SHARED_BRANCH_FORMAT_VERSION if self.task_branches == "shared" else PER_TASK_FORMAT_VERSION
-        if self.router == "prototype" and self.router_metric != "cosine":
+        if self.router == "prototype":  # whatever the metric is now, it may have been "discriminant" in training
             version = QUERY_SCATTER_FORMAT_VERSION
         return {**super().to_dict(), "format_version": version}
 

@@ -203,3 +203,13 @@ def test_sequence_router_state_is_stored_once_per_adapter(tmp_path):
     model.save_pretrained(tmp_path)
     router_keys = [key for key in load_file(tmp_path / "adapter_model.safetensors") if "sparta_router" in key]
     assert len(router_keys) == 4  # prototypes, counts and the query spread (2), once for the whole adapter
+
+
+def test_adapter_with_a_query_spread_is_saved_as_version_5_whatever_the_metric_is_now(tmp_path):
+    """The metric can change at run time; the saved version follows what the weights hold, so that a release that
+    cannot read the query spread refuses the file by its version instead of failing on an unknown tensor."""
+    model = three_task_model()
+    model.peft_config["default"].router_metric = "cosine"
+    model.save_pretrained(tmp_path)
+    assert any(key.endswith("query_scatter") for key in load_file(tmp_path / "adapter_model.safetensors"))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == 5
