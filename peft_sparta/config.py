@@ -17,9 +17,10 @@ from .registration import PEFT_TYPE_SPARTA
 #: version, read and written by this code.
 FORMAT_VERSION = 5
 
-#: The version per-task adapters (``task_branches="per_task"``) are written in, which releases before version 4 read;
-#: version 4 marks adapters with ``task_branches="shared"``, which those releases would read as per-task ones.
+#: The version per-task adapters (``task_branches="per_task"``) are written in, which releases before version 4 read.
 PER_TASK_FORMAT_VERSION = 3
+
+#: The version of adapters with ``task_branches="shared"``, which releases before it would read as per-task ones.
 SHARED_BRANCH_FORMAT_VERSION = 4
 
 #: The version of prototype-router adapters, which may hold the query spread (``query_scatter``, a tensor releases
@@ -141,8 +142,8 @@ class SpaRTAConfig(PeftConfig):
             so that the default temperature leaves text of no task as mixed as the cosine does. The spread comes from
             the prototypes and, under sequence routing, one (d, d) matrix kept in training and saved with the adapter
             (``query_scatter``: how queries spread around their prototype, d the query size); the transform is
-            computed again once per change of them, and costs one triangular solve per query. Abstaining (``router_abstain_threshold``,
-            ``router_abstain_spread``) always compares the plain cosine similarity. "auto": "discriminant" for the
+            computed again once per change of them, and costs one triangular solve per query. Abstaining
+            (``router_abstain_threshold``, ``router_abstain_spread``) always compares the plain cosine similarity. "auto": "discriminant" for the
             prototype router under sequence routing, "cosine" otherwise (under token routing the solve would run for
             every token of every layer).
         orth_lambda (`float`, *optional*, defaults to `0.0`):

@@ -202,8 +202,8 @@ def update_query_scatter(
         dist.all_reduce(total)
         dist.all_reduce(added)
     new_count = count + added
-    share = count / new_count.clamp(min=1)
-    scatter.copy_((scatter.float() * share + total / new_count.clamp(min=1)).to(scatter.dtype))
+    divisor = new_count.clamp(min=1)
+    scatter.copy_((scatter.float() * (count / divisor) + total / divisor).to(scatter.dtype))
     count.copy_(new_count)
 
 
