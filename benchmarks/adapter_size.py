@@ -6,7 +6,7 @@ in every adapted layer. The table gives the measured file size and router state 
 per-layer copies would add (the measured bytes of prototypes and counts times the other adapted layers).
 A randomly initialised model of the real shape is used: sizes do not depend on the weights.
 
-    python benchmarks/adapter_size.py --out benchmarks/results/adapter-size
+    python -m benchmarks.adapter_size --out benchmarks/results/adapter-size
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import markdown_table, write_results
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig
+
+from .common import markdown_table, write_results
 
 
 SMOLLM2_135M = {

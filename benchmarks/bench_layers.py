@@ -5,8 +5,8 @@ Layer shapes of SmolLM2-135M (576 -> 1536, 1536 -> 576) and of a 1B-class model 
 top_k=1 routing, whose cost must not grow with the number of tasks. ``--output`` writes the results as JSON (with the
 commit, machine and settings of the run) and the table as markdown beside it.
 
-    python benchmarks/bench_layers.py --tokens 1024 --output benchmarks/results/layers-cpu.json
-    python benchmarks/bench_layers.py --shapes 576x1536 --tasks 1 --tokens 16 --warmup 0 --repeats 1   # smoke run
+    python -m benchmarks.bench_layers --tokens 1024 --output benchmarks/results/layers-cpu.json
+    python -m benchmarks.bench_layers --shapes 576x1536 --tasks 1 --tokens 16 --warmup 0 --repeats 1   # smoke run
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import interleaved_medians, machine, markdown_table, peak_memory_bytes, report
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm import tqdm
 
 import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig
+
+from .common import interleaved_medians, machine, markdown_table, peak_memory_bytes, report
 
 
 SHAPES = {"576x1536": (576, 1536), "1536x576": (1536, 576), "2048x8192": (2048, 8192), "8192x2048": (8192, 2048)}

@@ -16,7 +16,7 @@ few layers and a small vocabulary, so that the adapted layers take about the sha
 run), the table as markdown and the plot as PNG beside it. On a machine that other jobs load, ``--threads 1`` keeps
 the thread pool's waits, which then cost milliseconds per small op, out of the figures.
 
-    python benchmarks/bench_task_scaling.py --threads 1 --output benchmarks/results/task-scaling-cpu.json
+    python -m benchmarks.bench_task_scaling --threads 1 --output benchmarks/results/task-scaling-cpu.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table, report
 from peft import get_peft_model, get_peft_model_state_dict
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -38,6 +37,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig
 from peft_sparta.layer import sparta_layers
+
+from .common import machine, markdown_table, report
 
 
 SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}

@@ -7,8 +7,8 @@ top_k=1 at many tasks relative to one task. All models of a shape are built firs
 per round, so that a shared machine's drift does not bias the ratios. ``--output`` writes the results as JSON (with the commit, machine and
 settings of the run) and the table as markdown beside it.
 
-    python benchmarks/bench_train_step.py --shape smollm --output benchmarks/results/train-step-smollm-cpu.json
-    python benchmarks/bench_train_step.py --shape 1b --layers 2      # a 1B-class layer shape, fewer layers on CPU
+    python -m benchmarks.bench_train_step --shape smollm --output benchmarks/results/train-step-smollm-cpu.json
+    python -m benchmarks.bench_train_step --shape 1b --layers 2      # a 1B-class layer shape, fewer layers on CPU
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import interleaved_medians, machine, markdown_table, peak_memory_bytes, report
 from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig
+
+from .common import interleaved_medians, machine, markdown_table, peak_memory_bytes, report
 
 
 SHAPES = {

@@ -1,6 +1,6 @@
 """Continual-learning benchmark: SpaRTA, its ablations and the PEFT baselines on one task sequence, task-free.
 
-Suites (see peft_sparta/benchmark/suites.py):
+Suites (see benchmarks/suites):
 - minilm: six offline text-classification tasks with distinct label sets on all-MiniLM-L6-v2, scored by the nearest
   label-name embedding among every label seen so far (~15 min for every method on 2 CPU cores).
 - smollm: five offline instruction tasks on SmolLM2-135M-Instruct, exact-match answers (reduced CPU setting).
@@ -25,13 +25,13 @@ that measured it under "run" (commit, dirty flag and changed files, machine, dat
 rows of several runs; the header's "latest_run" is the last run that wrote the file. Rows of files written before
 rows kept their run get the header's former "machine" and "settings", marked as such, and an unknown commit.
 
-    python benchmarks/continual.py --suite minilm
-    python benchmarks/continual.py --suite minilm --methods sparta seq_lora --steps 30
-    python benchmarks/continual.py --suite minilm --methods sparta --sparta router_temperature=0.05 --tag t005
-    python benchmarks/continual.py --suite smollm --methods sparta seq_lora o_lora --steps 20
-    python benchmarks/continual.py --suite translation --methods sparta seq_lora
-    python benchmarks/continual.py --suite long --order 2
-    python benchmarks/continual.py --suite standard --order 1 --data-dir data/standard_cl --model minilm
+    python -m benchmarks.continual --suite minilm
+    python -m benchmarks.continual --suite minilm --methods sparta seq_lora --steps 30
+    python -m benchmarks.continual --suite minilm --methods sparta --sparta router_temperature=0.05 --tag t005
+    python -m benchmarks.continual --suite smollm --methods sparta seq_lora o_lora --steps 20
+    python -m benchmarks.continual --suite translation --methods sparta seq_lora
+    python -m benchmarks.continual --suite long --order 2
+    python -m benchmarks.continual --suite standard --order 1 --data-dir data/standard_cl --model minilm
 """
 
 from __future__ import annotations
@@ -46,19 +46,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse
 import ast
 import json
-import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_run, markdown_table, provenance
-
 import peft_sparta  # noqa: F401
-from peft_sparta.benchmark import offline, suites
-from peft_sparta.benchmark.baselines import METHODS, make_method
 from peft_sparta.continual import (
     CausalLMHarness,
     ContinualArguments,
@@ -68,6 +61,10 @@ from peft_sparta.continual import (
     train_sequence,
 )
 from peft_sparta.model import find_sparta_tuner
+
+from . import offline, suites
+from .baselines import METHODS, make_method
+from .common import describe_run, markdown_table, provenance
 
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -9,40 +9,35 @@ fresh prompts of the trained tasks (the suite's generator with seed + 1000, minu
 CALIBRATION_TEXTS. The one threshold ("calibrated threshold") is the midpoint between the two groups' best router
 scores, and `choose_spread` picks the per-task floor's k from the same split.
 
-    python benchmarks/router_alternatives.py --suite minilm
-    python benchmarks/router_alternatives.py --suite minilm --boilerplate
-    python benchmarks/router_alternatives.py --suite smollm --threads 2
+    python -m benchmarks.router_alternatives --suite minilm
+    python -m benchmarks.router_alternatives --suite minilm --boilerplate
+    python -m benchmarks.router_alternatives --suite smollm --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import markdown_table, write_results  # noqa: E402
-from continual import DEFAULTS, RESULTS, build_suite, parse_args, parse_overrides  # noqa: E402
-
-import peft_sparta  # noqa: F401, E402
-from peft_sparta.benchmark import suites  # noqa: E402
-from peft_sparta.benchmark.baselines import make_method  # noqa: E402
-from peft_sparta.benchmark.suites import Task  # noqa: E402
-from peft_sparta.continual import (  # noqa: E402
+import peft_sparta  # noqa: F401
+from peft_sparta.continual import (
     ContinualArguments,
     RoutingRecorder,
     abstain_threshold,
     choose_spread,
     train_sequence,
 )
-from peft_sparta.continual.calibration import SPREADS  # noqa: E402
-from peft_sparta.continual.driver import _candidates, _held_out_candidates  # noqa: E402
+from peft_sparta.continual.calibration import SPREADS
+from peft_sparta.continual.driver import _candidates, _held_out_candidates
+
+from . import suites
+from .baselines import make_method
+from .common import markdown_table, write_results
+from .continual import DEFAULTS, RESULTS, build_suite, parse_args, parse_overrides
+from .suites import Task
 
 
 #: Most of the calibration task prompts' router mass a floor may take away (abstaining costs task accuracy).

@@ -4,10 +4,10 @@ Reads results files written by `continual.py` and, for every method present in a
 learning accuracy and routing accuracy as mean, standard deviation and range over the files. ``--out`` writes the
 figures as JSON (with each input file's runs) and the table as markdown beside it.
 
-    python benchmarks/spread.py benchmarks/results/continual-minilm.json \
+    python -m benchmarks.spread benchmarks/results/continual-minilm.json \
         benchmarks/results/continual-minilm-seed1.json benchmarks/results/continual-minilm-seed2.json \
         --out benchmarks/results/continual-minilm-seeds
-    python benchmarks/spread.py benchmarks/results/continual-long-order{1,2,3}.json --out benchmarks/results/continual-long
+    python -m benchmarks.spread benchmarks/results/continual-long-order{1,2,3}.json --out benchmarks/results/continual-long
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from common import markdown_table
+from .common import markdown_table
 
 
 METRICS = {

@@ -4,7 +4,7 @@ Trains task "spell" (digits to English words) and then task "plural" (noun to pl
 the adapter, reloads it into a fresh base model and generates for prompts of both tasks with no task id: the router
 picks the branch from the prompt.
 
-    python examples/quickstart.py [--steps 30] [--output-dir sparta-quickstart]
+    python -m examples.quickstart [--steps 30] [--output-dir sparta-quickstart]
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import peft_sparta  # noqa: F401  (registers the SPARTA peft type: import it before loading an adapter)
+from benchmarks.offline import load_smollm2
 from peft_sparta import SpaRTAConfig
-from peft_sparta.benchmark.offline import load_smollm2
 
 
 NUMBERS = [

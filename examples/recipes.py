@@ -7,7 +7,7 @@
 - `calibrate_chat_abstain_threshold`: choose ``router_abstain_threshold`` from calibration prompts of your tasks and
   unrelated text, formatted exactly as at inference (a shared system prompt or chat template raises every score).
 
-    python examples/recipes.py [--steps 20] [--output-dir sparta-recipes]
+    python -m examples.recipes [--steps 20] [--output-dir sparta-recipes]
 
 runs the three on SmolLM2-135M-Instruct (offline wheel): two chat tasks, a third added after reloading, and the
 threshold from held-out prompts.
@@ -104,7 +104,7 @@ UNRELATED = ["The weather was mild all week.", "She parked the car near the stat
 
 
 def main() -> None:
-    from peft_sparta.benchmark.offline import load_smollm2
+    from benchmarks.offline import load_smollm2
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="training steps per task")

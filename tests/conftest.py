@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from peft_sparta.benchmark import offline
+from benchmarks import offline
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

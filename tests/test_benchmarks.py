@@ -3,42 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load_script(monkeypatch, name: str):
-    """benchmarks/<name>.py as a module (its sibling ``common`` importable)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their sibling `common`
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import bench_layers, bench_task_scaling, common, router_alternatives, spread
 
 
-def script_fixture(name: str):
-    """A fixture giving benchmarks/<name>.py as a module; ``common`` is dropped from sys.modules afterwards."""
-
-    @pytest.fixture
-    def load(monkeypatch):
-        yield _load_script(monkeypatch, name)
-        sys.modules.pop("common", None)
-
-    return load
-
-
-bench_layers = script_fixture("bench_layers")
-
-
-def test_bench_layers_output_records_results_table_and_run(bench_layers, tmp_path, monkeypatch):
+def test_bench_layers_output_records_results_table_and_run(tmp_path, monkeypatch):
     args = argparse.Namespace(
         shapes=["576x1536"], tasks=[1, 2], tokens=4, r_shared=2, r_task=2, warmup=0, repeats=1, device="cpu",
         output=tmp_path / "layers.json",
@@ -58,10 +31,7 @@ def test_bench_layers_output_records_results_table_and_run(bench_layers, tmp_pat
     assert "Run: commit" in report
 
 
-bench_task_scaling = script_fixture("bench_task_scaling")
-
-
-def test_bench_task_scaling_sizes_known_answers_and_output(bench_task_scaling, tmp_path, monkeypatch):
+def test_bench_task_scaling_sizes_known_answers_and_output(tmp_path, monkeypatch):
     args = argparse.Namespace(
         tasks=[1, 3], layers=1, vocab=128, batch=1, seq=4, r_shared=2, r_task=3, prototype_batches=1, warmup=0,
         repeats=1, threads=1, output=tmp_path / "scaling.json",
@@ -84,7 +54,7 @@ def test_bench_task_scaling_sizes_known_answers_and_output(bench_task_scaling, t
     assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
-def test_bench_task_scaling_router_timer_restores_the_model(bench_task_scaling):
+def test_bench_task_scaling_router_timer_restores_the_model():
     args = argparse.Namespace(layers=1, vocab=128, batch=1, seq=4, r_shared=2, r_task=3, prototype_batches=1)
     case = bench_task_scaling.Case(2, args)
     routers = [
@@ -97,10 +67,9 @@ def test_bench_task_scaling_router_timer_restores_the_model(bench_task_scaling):
     assert "begin_forward" not in vars(case.model.base_model.routing_context)
 
 
-def test_interleaved_medians_time_every_step_in_turns(bench_layers):
+def test_interleaved_medians_time_every_step_in_turns():
     """Warm-up calls of each step, then rounds of one call of every step (every other round in reverse order),
     medians per step."""
-    common = sys.modules["common"]
     calls = []
     medians = common.interleaved_medians(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, common.torch.device("cpu"), 1, 3
@@ -109,10 +78,7 @@ def test_interleaved_medians_time_every_step_in_turns(bench_layers):
     assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
 
 
-spread_script = script_fixture("spread")
-
-
-def test_spread_over_runs_known_answers_and_output(spread_script, tmp_path):
+def test_spread_over_runs_known_answers_and_output(tmp_path):
     """Mean, population std and range per method present in every file; metrics missing anywhere are left out."""
     runs = [
         {
@@ -127,7 +93,7 @@ def test_spread_over_runs_known_answers_and_output(spread_script, tmp_path):
     for index, results in enumerate(runs):
         paths.append(tmp_path / f"run{index}.json")
         paths[-1].write_text(json.dumps(results))
-    spread_script.main([*map(str, paths), "--out", str(tmp_path / "spread")])
+    spread.main([*map(str, paths), "--out", str(tmp_path / "spread")])
     saved = json.loads((tmp_path / "spread.json").read_text())
     assert set(saved["summary"]) == {"a"}
     aa, bwt = saved["summary"]["a"]["AA"], saved["summary"]["a"]["BWT"]
@@ -139,14 +105,7 @@ def test_spread_over_runs_known_answers_and_output(spread_script, tmp_path):
     assert "0.600 ± 0.100 (0.500 to 0.700)" in (tmp_path / "spread.md").read_text()
 
 
-@pytest.fixture
-def router_alternatives(monkeypatch):
-    yield _load_script(monkeypatch, "router_alternatives")
-    for name in ("common", "continual"):
-        sys.modules.pop(name, None)
-
-
-def test_router_alternatives_choose_the_spread_from_the_calibration_shares_of_the_spread_rows(router_alternatives):
+def test_router_alternatives_choose_the_spread_from_the_calibration_shares_of_the_spread_rows():
     def row(k: float, tasks: float, text: float) -> dict:
         setting = {"router_abstain_spread": k}
         return {"setting": setting, "abstained": {"calibration_tasks": tasks, "calibration_text": text}}
@@ -158,7 +117,7 @@ def test_router_alternatives_choose_the_spread_from_the_calibration_shares_of_th
     assert router_alternatives.abstained_mass(gates) == pytest.approx(0.5)
 
 
-def test_router_alternatives_calibration_split_holds_fresh_prompts_only(router_alternatives):
+def test_router_alternatives_calibration_split_holds_fresh_prompts_only():
     args = router_alternatives.parse(["--suite", "minilm", "--calibration-per-task", "8"])
     tasks, *_ = router_alternatives.build_suite(router_alternatives.suite_arguments(args, args.seed))
     split = router_alternatives.calibration_split(args, tasks)

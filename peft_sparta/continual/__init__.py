@@ -2,7 +2,8 @@
 loss and task-free accuracy (`harness`), the sequence driver `train_sequence` (`driver`) with the `Method` protocol and `SpaRTAMethod` (`methods`), and the routing recorder
 (`peft_sparta.routers.recorder`), re-exported here.
 
-The methods, suites and offline models of the benchmark are in `peft_sparta.benchmark`.
+The methods, suites and offline models of the benchmark are in the repository's `benchmarks` package, not in the
+wheel.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class ContinualArguments:
     #: label space of the multi-task upper bound's loss: "union" (every task's labels, as at its evaluation) or
     #: "task" (each example's own task labels, as the sequential methods train)
     multitask_label_space: str = "union"
-    #: unrelated texts (e.g. `peft_sparta.benchmark.suites.NEUTRAL_TEXTS`) on which to measure general-ability drift
+    #: unrelated texts (e.g. the repository's `benchmarks.suites.NEUTRAL_TEXTS`) on which to measure general-ability drift
     general_texts: Sequence[str] | None = None
     #: called as ``before_evaluation(model, seen)`` after each task's training, with the indices of the tasks trained
     #: so far, before any accuracy is measured: the place to choose settings on data that is not scored (e.g. the
@@ -135,11 +135,12 @@ def train_sequence(
         model_factory_or_model: the base model, a callable returning it (called once), or a SpaRTA `PeftModel`
             (then ``method`` defaults to SpaRTA on that model: its single untrained branch, if named "task_0" or
             after the first task, takes the first task, and `add_task` adds one branch per further task).
-        tasks: the task sequence (`peft_sparta.benchmark.suites.Task` or the same shape, see `Harness`).
+        tasks: the task sequence (the repository's `benchmarks.suites.Task` or the same shape, see `Harness`).
         args: `ContinualArguments`.
         harness: a `Harness` (loss and task-free accuracy), e.g. `EmbeddingClassificationHarness` or
             `CausalLMHarness`.
-        method: a `peft_sparta.continual.Method` (e.g. a baseline of `peft_sparta.benchmark.baselines`); required unless a SpaRTA model is passed.
+        method: a `peft_sparta.continual.Method` (e.g. a baseline of the repository's `benchmarks.baselines`);
+            required unless a SpaRTA model is passed.
         held_out: tasks that are never trained (their ``train`` examples are not used): scored before any training
             and after the whole sequence (``unseen_accuracy``, ``unseen_base_accuracy``, ``unseen_gain``), each among
             the labels of every trained task and its own.
@@ -168,7 +169,7 @@ def train_sequence(
     if method is None:
         if tuner is None:
             raise ValueError(
-                "pass method= (see peft_sparta.benchmark.baselines.make_method) unless the model is SpaRTA's."
+                "pass method= (e.g. benchmarks.baselines.make_method, in the repository) unless the model is SpaRTA's."
             )
         method = SpaRTAMethod(name="sparta")
     if tuner is not None:

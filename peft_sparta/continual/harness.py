@@ -2,8 +2,8 @@
 
 `Harness` states what the driver asks of a harness; `EmbeddingClassificationHarness` (sentence encoders, nearest
 label-name embedding) and `CausalLMHarness` (causal LMs, exact match of the greedy answer) implement it. Tasks and
-examples are duck-typed as in `peft_sparta.benchmark.suites`: a task has ``name``, ``train`` and ``test`` (lists of
-examples) and ``labels`` (its label names, empty for generation); an example has ``text`` and ``target``.
+examples are duck-typed as in the repository's `benchmarks.suites`: a task has ``name``, ``train`` and ``test``
+(lists of examples) and ``labels`` (its label names, empty for generation); an example has ``text`` and ``target``.
 """
 
 from __future__ import annotations

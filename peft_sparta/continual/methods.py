@@ -1,5 +1,5 @@
 """What `train_sequence` trains: a `Method` wraps a base model and does its per-task step; `SpaRTAMethod` is SpaRTA's.
-The benchmark's baselines (`peft_sparta.benchmark.baselines`) are Methods too."""
+The benchmark's baselines (the repository's `benchmarks.baselines`) are Methods too."""
 
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ from peft import LoraConfig, OSFConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..continual.methods import Method, SpaRTAMethod
-from ..layer import sparta_layers
-from ..routers import Router, Routing
+from peft_sparta.continual.methods import Method, SpaRTAMethod
+from peft_sparta.layer import sparta_layers
+from peft_sparta.routers import Router, Routing
 
 
 __all__ = [
