@@ -89,3 +89,22 @@ def check_checkpoint(expected: dict, checkpoint: dict, config: SpaRTAConfig) -> 
             "The adapter was saved for a base model whose adapted layers have other shapes; load it into the base "
             "model it was trained on. Mismatches: " + "; ".join(mismatched[:3])
         )
+    check_router_values(checkpoint)
+
+
+def check_router_values(checkpoint: dict) -> None:
+    """The router state holds finite numbers and non-negative counts: a damaged value would load without complaint
+    and fail, or route wrongly, at the first forward."""
+    for key, value in sorted(checkpoint.items()):
+        if ".sparta_router." not in key:
+            continue
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            problem = "is not finite (NaN or inf)"
+        elif not value.is_floating_point() and (value < 0).any():
+            problem = "holds negative counts"
+        else:
+            continue
+        raise SpaRTALoadError(
+            f"The adapter's router tensor {key} {problem}: the weights file is damaged or was edited. Restore it from "
+            "the save that wrote it, or train and save the adapter again."
+        )

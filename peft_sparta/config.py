@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -9,6 +11,7 @@ from typing import Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
 
+from .errors import SpaRTALoadError
 from .kernels import BACKENDS, NORMS, Backend, Norm
 from .registration import PEFT_TYPE_SPARTA
 
@@ -48,6 +51,11 @@ RUN_TIME_FIELDS = frozenset(
 #: four offline suites (benchmarks/router_alternatives.py, never on scored data): of the k that keep 99% of every
 #: suite's calibration task prompts (suite b needs k >= 6), the one that abstains most on their unrelated text.
 DEFAULT_ABSTAIN_SPREAD = 6.0
+
+#: The smallest ``router_temperature``: the router divides similarities (at most 4 apart) by it, which must stay far
+#: from float32's overflow (a temperature of 1e-45 turns them into inf and the gates into NaN). At this temperature
+#: the gates are already one-hot for similarities 1e-4 apart.
+MIN_ROUTER_TEMPERATURE = 1e-6
 
 RouterName = Literal["prototype", "learned", "spectral", "components"]
 RouterMetric = Literal["auto", "cosine", "discriminant"]
@@ -110,7 +118,7 @@ class SpaRTAConfig(PeftConfig):
             If set, queries go through a frozen random projection to this size before routing.
         router_temperature (`float`, *optional*, defaults to `0.02`):
             Softmax temperature over the tasks' best cosine similarities (after the discriminant transform under
-            ``router_metric="discriminant"``).
+            ``router_metric="discriminant"``); at least `MIN_ROUTER_TEMPERATURE` (1e-6).
         router_prototypes (`int`, *optional*, defaults to `16`):
             Prototypes per task (online k-means centroids of the task's queries; singular vectors for "spectral").
             The README's benchmark section shows how the number of prototypes affects routing.
@@ -163,7 +171,8 @@ class SpaRTAConfig(PeftConfig):
             tensors when installed, checked against the fused torch path on its first call per process and dtype
             (one warning and the torch path if it fails), else the fused torch path. The backend is the machine's
             choice, not the adapter's: the value is written to adapter_config.json as a record of the training run,
-            but ignored when an adapter is loaded (the loaded config has None), so an adapter trained with "triton"
+            but ignored when an adapter is loaded (every config read from a file has None, whatever name it holds), so
+            an adapter trained with "triton"
             loads and runs on a CPU-only machine and uses the guarded default on CUDA. Set it at run time on the
             loaded config (``model.peft_config[name].kernel_backend``) or with SPARTA_KERNEL_BACKEND.
         recompute_activations (`bool`, *optional*, defaults to `False`):
@@ -203,7 +212,12 @@ class SpaRTAConfig(PeftConfig):
         bias (`str`, *optional*, defaults to `"none"`):
             "none", "all" or "sparta_only": which biases are trained.
         format_version (`int`):
-            Version of the saved adapter format, written automatically.
+            Version of the saved adapter format, written automatically. A config that holds one was read from a file
+            (its ``kernel_backend`` is then ignored).
+        task_names_digest (`str`, *optional*):
+            Digest of ``task_names``, written automatically when the adapter is saved: a config whose task names do
+            not match it (renamed or reordered in adapter_config.json, which would swap the tasks' branches) raises a
+            `SpaRTALoadError`.
     """
 
     r_shared: int = field(default=8, metadata={"help": "Rank of the shared branch; 0 disables it."})
@@ -327,8 +341,12 @@ class SpaRTAConfig(PeftConfig):
         default=None, metadata={"help": "Modules apart from the adapter layers to train and save."}
     )
     bias: Bias = field(default="none", metadata={"help": "Trained biases: 'none', 'all' or 'sparta_only'."})
-    format_version: int = field(
-        default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format, written automatically."}
+    format_version: Optional[int] = field(
+        default=None, metadata={"help": "Version of the saved adapter format, written automatically."}
+    )
+    task_names_digest: Optional[str] = field(
+        default=None,
+        metadata={"help": "Digest of task_names, written automatically: an edited task list raises at load."},
     )
 
     def __post_init__(self):
@@ -343,17 +361,24 @@ class SpaRTAConfig(PeftConfig):
         if isinstance(self.task_names, (str, bytes)):
             raise ValueError(f"task_names must be a list of task names, got the string {self.task_names!r}.")
         self.task_names = list(self.task_names) if self.task_names is not None else ["task_0"]
+        if self.format_version is None:
+            self.format_version = FORMAT_VERSION
+        else:  # read from a file, by any loader: the backend is the machine's choice (see kernel_backend)
+            self.kernel_backend = None
         self._validate()
+        self._check_task_names_digest()
         self.__dict__["_validated"] = True
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load a saved config (PeftModel.from_pretrained / load_adapter and AutoPeftModel come here). The saved
-        ``kernel_backend`` is ignored: the loaded config has None, the machine's default (see the field)."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if isinstance(config, SpaRTAConfig):
-            config.kernel_backend = None
-        return config
+    def _check_task_names_digest(self) -> None:
+        """A saved config's task names are the ones it was saved with; the digest has done its work once checked."""
+        digest, self.task_names_digest = self.task_names_digest, None
+        if digest is not None and digest != task_names_digest(self.task_names):
+            raise SpaRTALoadError(
+                f"task_names in adapter_config.json ({self.task_names}) are not the names this adapter was saved "
+                "with: they were edited (renamed, reordered, added or removed, which would give tasks other tasks' "
+                "branches), or adapter_config.json and the weights file come from different saves. Restore the "
+                "adapter_config.json saved with the weights."
+            )
 
     @classmethod
     def paper_design(cls, **kwargs) -> SpaRTAConfig:
@@ -382,7 +407,11 @@ class SpaRTAConfig(PeftConfig):
         version = SHARED_BRANCH_FORMAT_VERSION if self.task_branches == "shared" else PER_TASK_FORMAT_VERSION
         if self.router == "prototype":  # whatever the metric is now, it may have been "discriminant" in training
             version = QUERY_SCATTER_FORMAT_VERSION
-        return {**super().to_dict(), "format_version": version}
+        return {
+            **super().to_dict(),
+            "format_version": version,
+            "task_names_digest": task_names_digest(self.task_names),
+        }
 
     def __setattr__(self, name: str, value) -> None:
         """Store numbers of other libraries (numpy, torch scalars) as Python numbers, and validate the settings that
@@ -416,7 +445,11 @@ class SpaRTAConfig(PeftConfig):
             )
         if self.router_dim is not None:
             _check_int("router_dim", self.router_dim, minimum=1)
-        _check_positive("router_temperature", self.router_temperature)
+        if not _is_finite_number(self.router_temperature) or not self.router_temperature >= MIN_ROUTER_TEMPERATURE:
+            raise ValueError(
+                f"router_temperature must be a finite number >= {MIN_ROUTER_TEMPERATURE} (smaller values overflow the "
+                f"router's softmax), got {self.router_temperature!r}."
+            )
         _check_int("router_prototypes", self.router_prototypes, minimum=1)
         if self.top_k is not None:
             _check_int("top_k", self.top_k, minimum=1)
@@ -499,6 +532,11 @@ class SpaRTAConfig(PeftConfig):
             raise ValueError(f"task_names must be a non-empty list of non-empty strings, got {names!r}.")
         if len(set(names)) != len(names):
             raise ValueError(f"task_names must be unique, got {names!r}.")
+
+
+def task_names_digest(task_names: list[str]) -> str:
+    """A short digest of the task names in order, saved with them to tell an edited task list."""
+    return hashlib.sha256(json.dumps(list(task_names)).encode()).hexdigest()[:16]
 
 
 def _check_int(name: str, value, minimum: int) -> None:

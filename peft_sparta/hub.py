@@ -1,5 +1,6 @@
 """What SpaRTA adds to PEFT's `PeftModel` where PEFT offers no extension point: the model card written by
-`save_pretrained`/`push_to_hub`, and loading that fails cleanly (a failed load puts the model back as it was).
+`save_pretrained`/`push_to_hub`, a save that refuses a config no longer matching its layers, and loading that fails
+cleanly (a failed load puts the model back as it was).
 
 Each wrapper acts only on SpaRTA adapters and defers to PEFT's own method for every other method.
 """
@@ -107,6 +108,23 @@ def _wrap_upload(original):
         return original(self, working_dir, *args, **kwargs)
 
     return _upload_modified_files
+
+
+def _wrap_save(original):
+    """Check every SpaRTA adapter to be saved against its layers first (`SpaRTAModel.check_config_matches_layers`), so
+    that a config edited after the model was built raises before any file is written."""
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        tuner = self.base_model
+        if isinstance(tuner, SpaRTAModel):
+            selected = kwargs.get("selected_adapters", args[1] if len(args) > 1 else None)
+            for adapter_name in selected or list(self.peft_config):
+                if _is_sparta(self.peft_config.get(adapter_name)):
+                    tuner.check_config_matches_layers(adapter_name)
+        return original(self, save_directory, *args, **kwargs)
+
+    return save_pretrained
 
 
 class ModelSnapshot:
@@ -249,22 +267,6 @@ def _wrap_transformers_load_adapter(original):
     return load_adapter
 
 
-def _wrap_machine_backend(original):
-    """transformers' ``model.load_adapter`` reads adapter_config.json with ``PeftConfig.from_pretrained``, which
-    bypasses `SpaRTAConfig.from_pretrained`: ignore the saved ``kernel_backend`` here too (the backend is the
-    machine's choice, see the field), unless the caller passed the config."""
-
-    @functools.wraps(original)
-    def load_adapter(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
-        result = original(self, peft_model_id, adapter_name, *args, **kwargs)
-        config = getattr(self, "peft_config", {}).get(adapter_name or "default")
-        if kwargs.get("peft_config") is None and isinstance(config, SpaRTAConfig):
-            config.kernel_backend = None
-        return result
-
-    return load_adapter
-
-
 def _check_loaded_weights(model: nn.Module, checkpoint: dict, adapter_name: str) -> None:
     """Every tensor of the checkpoint is in ``model`` under its key, with its value, and the model has no SpaRTA
     tensor that the checkpoint lacks."""
@@ -315,9 +317,8 @@ def install() -> None:
         return
     PeftModel.create_or_update_model_card = _wrap_model_card(PeftModel.create_or_update_model_card)
     PeftModel._upload_modified_files = _wrap_upload(PeftModel._upload_modified_files)
+    PeftModel.save_pretrained = _wrap_save(PeftModel.save_pretrained)
     PeftModel.load_adapter = _wrap_load_adapter(PeftModel.load_adapter)
     PeftModel.from_pretrained = _wrap_from_pretrained(PeftModel.from_pretrained)
-    PeftAdapterMixin.load_adapter = _wrap_transformers_load_adapter(
-        _wrap_machine_backend(PeftAdapterMixin.load_adapter)
-    )
+    PeftAdapterMixin.load_adapter = _wrap_transformers_load_adapter(PeftAdapterMixin.load_adapter)
     PeftModel._sparta_integration = True

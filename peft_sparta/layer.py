@@ -110,8 +110,9 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         self.set_adapter(self.active_adapters)
 
     def add_task(self, adapter_name: str) -> None:
-        """Freeze the current task branch (and its router state) and append a new trainable task branch; with
-        ``task_branches="shared"``, create the single task branch once and grow the router only."""
+        """Freeze the current task branch (and its router state) and append a new task branch, trainable if the
+        adapter is active (an inactive adapter stays wholly frozen); with ``task_branches="shared"``, create the
+        single task branch once and grow the router only."""
         config = self.sparta_settings[adapter_name]
         a_tasks, b_tasks = self.sparta_A_task[adapter_name], self.sparta_B_task[adapter_name]
         if not (self.shares_task_branch(adapter_name) and len(a_tasks)):
@@ -120,6 +121,9 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
             a_tasks.append(a)
             b_tasks.append(b)
         self.sparta_router[adapter_name].add_task()
+        if adapter_name not in self.active_adapters:
+            for param in self.adapter_parameters(adapter_name):
+                param.requires_grad_(False)
         self._freeze_finished(adapter_name)
 
     def remove_task(self, adapter_name: str, index: int) -> None:
@@ -153,6 +157,11 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
 
     def _shared_down(self, adapter_name: str) -> list[nn.Parameter]:
         return [self.sparta_A_shared[adapter_name]] if adapter_name in self.sparta_A_shared else []
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Every parameter of the adapter on this layer: branches and router."""
+        tasks = [*self.sparta_A_task[adapter_name], *self.sparta_B_task[adapter_name]]
+        return [*self._shared_branch(adapter_name), *tasks, *self.sparta_router[adapter_name].parameters()]
 
     def _shared_branch(self, adapter_name: str) -> list[nn.Parameter]:
         if adapter_name not in self.sparta_A_shared:

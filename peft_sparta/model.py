@@ -37,6 +37,29 @@ _LIVE_TUNERS: weakref.WeakSet = weakref.WeakSet()
 #: The layer containers of the branches, whose trainable entries stochastic restoration resets.
 BRANCH_CONTAINERS = ("sparta_A_shared", "sparta_B_shared", "sparta_A_task", "sparta_B_task")
 
+#: Config fields that decide the adapter's tensors or how they combine, fixed once the layers are built: changed on
+#: the config afterwards, they would be saved with weights they do not describe.
+STRUCTURAL_FIELDS = (
+    "r_shared",
+    "r_task",
+    "alpha_shared",
+    "alpha_task",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "router",
+    "router_granularity",
+    "router_dim",
+    "router_prototypes",
+    "router_components",
+    "task_branches",
+    "modules_to_save",
+    "bias",
+    "task_names",
+)
+
 
 class SpaRTAModel(BaseTuner):
     """
@@ -79,6 +102,7 @@ class SpaRTAModel(BaseTuner):
         self.last_regularization: dict[str, torch.Tensor] = {}
         self._hook_handles: list = []
         self._restore_points: dict[str, RestorePoint] = {}
+        self._built_with: dict[str, dict] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ---- injection ---------------------------------------------------------------------------------------------------
@@ -87,8 +111,30 @@ class SpaRTAModel(BaseTuner):
         self._sequence_owners: dict[str, Router] = {}  # a plain dict: the owner is its layer's submodule, not ours
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._sequence_owners = {}
+        self._record_structure(adapter_name)
         _LIVE_TUNERS.add(self)
         guard_optimizers_of(self)
+
+    def _record_structure(self, adapter_name: str) -> None:
+        """Keep the `STRUCTURAL_FIELDS` the adapter's layers were built with (see `check_config_matches_layers`)."""
+        config = self.peft_config[adapter_name]
+        self._built_with[adapter_name] = {name: copy.deepcopy(getattr(config, name)) for name in STRUCTURAL_FIELDS}
+
+    def check_config_matches_layers(self, adapter_name: str) -> None:
+        """Raise a ValueError, before anything is saved, when the adapter's config no longer describes its layers: a
+        structural field (rank, targets, router, task list, ...) was changed on the config after the model was built,
+        or holds an invalid value. Such a config would be saved with weights that it cannot load."""
+        config = self.peft_config[adapter_name]
+        config._validate()
+        built = self._built_with.get(adapter_name, {})
+        for name, value in built.items():
+            if getattr(config, name) != value:
+                how = "add_task / remove_task" if name == "task_names" else "a new model (get_peft_model)"
+                raise ValueError(
+                    f"Adapter '{adapter_name}': {name} was changed on its config to {getattr(config, name)!r} after "
+                    f"the model was built with {value!r}, which its layers and weights still have; saving would write "
+                    f"an adapter that cannot be loaded. Set it back to {value!r}; to change it, use {how}."
+                )
 
     def _own_config(self, adapter_name: str) -> SpaRTAConfig:
         """The adapter's config, copied first if another live model holds the same object (one config passed to two
@@ -340,6 +386,7 @@ class SpaRTAModel(BaseTuner):
         for layer in layers:
             layer.add_task(adapter_name)
         config.task_names.append(task_name)
+        self._built_with[adapter_name]["task_names"] = list(config.task_names)
         self._restore_points.pop(adapter_name, None)
         self.set_task(None, adapter_name)
 
@@ -366,6 +413,7 @@ class SpaRTAModel(BaseTuner):
         for layer in layers:
             layer.remove_task(adapter_name, index)
         config.task_names.remove(task_name)
+        self._built_with[adapter_name]["task_names"] = list(config.task_names)
         self._restore_points.pop(adapter_name, None)
 
     def set_task(self, task_name: Optional[str], adapter_name: Optional[str] = None) -> None:
