@@ -28,7 +28,7 @@ from .layer import Linear, SpaRTALayer, iter_sparta_layers, sparta_layers
 from .optimizer_guard import guard_optimizers_of
 from .restoration import RestorePoint, count_optimizer_steps_of, restore, take_restore_point
 from .routers import Router, RoutingContext
-from .routers.context import CACHED_QUERY, CACHED_SUMS, kv_cache
+from .routers.context import CACHED_EMBEDDING_SUMS, CACHED_QUERY, CACHED_SUMS, kv_cache
 
 
 #: Every SpaRTA tuner alive in this process (to tell whether a config object is shared between models).
@@ -273,19 +273,20 @@ class SpaRTAModel(BaseTuner):
         )
 
     def _after_forward_hook(self, module, args, kwargs, output):
-        """Tie the routing decided for this forward to its KV cache (its decode steps reuse it), and keep the
-        regularizer values of a training forward for logging."""
+        """Tie the routing decided for this forward to its KV cache (its decode steps reuse it, and the embeddings'
+        sums let a later forward extend it), and keep the regularizer values of a training forward for logging."""
         if module.training and self.routing_context.regularization:
             self.last_regularization = dict(self.routing_context.regularization)
-        if not isinstance(output, dict):
+        cache = kv_cache(output) if isinstance(output, dict) else None
+        if not hasattr(cache, "get_seq_length"):
             return None
-        cache = kv_cache(output)
-        query = self.routing_context.sequence_query
-        if query is not None and hasattr(cache, "get_seq_length"):
-            setattr(cache, CACHED_QUERY, query)
-        sums = self.routing_context.sequence_sums
-        if sums and hasattr(cache, "get_seq_length"):
-            setattr(cache, CACHED_SUMS, dict(sums))
+        forward = self.routing_context.forward
+        if forward.sequence_query is not None:
+            setattr(cache, CACHED_QUERY, forward.sequence_query)
+        if forward.embedding_sums is not None:
+            setattr(cache, CACHED_EMBEDDING_SUMS, forward.embedding_sums)
+        if forward.sequence_sums:
+            setattr(cache, CACHED_SUMS, dict(forward.sequence_sums))
         return None
 
     # ---- regularizers ------------------------------------------------------------------------------------------------

@@ -11,11 +11,17 @@ from torch import nn
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of ``values`` (batch, positions, features) over the positions where ``mask`` (batch, positions) is true,
     in fp32; every position counts when ``mask`` is None, and a row without any masked position gives zeros."""
-    values = values.float()
     if mask is None:
-        return values.mean(dim=1)
+        return values.float().mean(dim=1)
+    total, count = masked_sum(values, mask)
+    return total / count.clamp(min=1.0)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum (batch, features) in fp32 of ``values`` (batch, positions, features) over the positions where ``mask``
+    (batch, positions) is true, and the number of those positions (batch, 1)."""
     weights = mask.to(values.device, torch.float32).unsqueeze(-1)
-    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    return (values.float() * weights).sum(dim=1), weights.sum(dim=1)
 
 
 def module_device(module: nn.Module) -> torch.device:

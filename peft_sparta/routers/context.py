@@ -3,29 +3,43 @@ losses of that forward, computed once per forward by the model's pre-hook."""
 
 from __future__ import annotations
 
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..utils import masked_mean
+from ..utils import masked_sum
 
 
-#: Attribute of a KV cache that holds the sequence query decided at its prefill, which its decode steps reuse.
+#: Attribute of a KV cache that holds the sequence query decided by its last forward of several tokens (the prefill),
+#: which its decode steps reuse.
 CACHED_QUERY = "_sparta_sequence_query"
 
 #: Attribute of a KV cache that holds the component routers' per-sequence sums over the tokens it holds.
 CACHED_SUMS = "_sparta_sequence_sums"
+
+#: Attribute of a KV cache that holds the sum of the embeddings of the tokens it holds and their number, per sequence.
+CACHED_EMBEDDING_SUMS = "_sparta_embedding_sums"
+
+#: Warned when a forward of several tokens continues a KV cache (see `RoutingContext.begin_forward`).
+CONTINUATION_WARNING = (
+    "This forward adds several tokens to a KV cache that already holds some (a reused prompt cache or chunked "
+    "prefill). SpaRTA routes it by the whole sequence, cached tokens and new ones, as one forward of the whole "
+    "sequence would; the cached tokens' keys and values, though, were computed under the routing of the tokens "
+    "cached at that time. For outputs equal to one forward of the whole prompt, reuse a cached prefix only among "
+    "prompts of one task (or force the task with model.set_task)."
+)
 
 #: Label of the positions that carry no target (PyTorch's cross-entropy default, used by transformers and TRL).
 IGNORE_INDEX = -100
 
 
 @dataclass
-class RoutingContext:
-    """What the SpaRTA layers of one model share: per forward, the routing inputs computed once by the model and the
-    regularizer values the layers report; across forwards, the regularizers' gradient weight.
+class ForwardRouting:
+    """The routing inputs of one model forward, computed once by the model's pre-hook, and what its layers report.
 
     sequence_query: (batch, dim) masked mean of the input embeddings, for sequence routing.
     token_mask: (batch, seq) bool, positions whose queries build the router state in training (the prompt part).
@@ -36,7 +50,8 @@ class RoutingContext:
     sequence_gates: per router state and settings, the inference gates of this forward under sequence routing,
         computed by the first layer that routes and read by the others (see `Router.decide`).
     regularization: the weighted regularizers of this forward, summed over layers (detached, for logging).
-    penalty_scale: weight of the regularizers' gradient in each backward (see `peft_sparta.regularizers`).
+    embedding_sums: under sequence routing, the sum (batch, dim) of the embeddings of the sequence's tokens (this
+        forward's and the cached ones) and their number (batch, 1), kept with the KV cache for the next forward.
     """
 
     sequence_query: Optional[torch.Tensor] = None
@@ -46,57 +61,115 @@ class RoutingContext:
     cached_sums: dict = field(default_factory=dict)
     sequence_gates: dict = field(default_factory=dict)
     regularization: dict[str, torch.Tensor] = field(default_factory=dict)
-    penalty_scale: float = 1.0
+    embedding_sums: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def clear(self) -> None:
-        self.sequence_query = None
-        self.token_mask = None
-        self.valid_mask = None
-        self.sequence_sums = {}
-        self.cached_sums = {}
-        self.sequence_gates = {}
-        self.regularization = {}
+
+def _forward_field(name: str) -> property:
+    """A `ForwardRouting` field read and written through the context: the calling thread's forward."""
+    return property(
+        lambda context: getattr(context.forward, name),
+        lambda context, value: setattr(context.forward, name, value),
+        doc=f"``{name}`` of the calling thread's forward (see `ForwardRouting`).",
+    )
+
+
+class RoutingContext:
+    """What the SpaRTA layers of one model share: the routing inputs of each forward (`ForwardRouting`) and, across
+    forwards, ``penalty_scale``, the weight of the regularizers' gradient in each backward (see
+    `peft_sparta.regularizers`).
+
+    Each thread has its own forward, so that threads running inference on one model (a web server's usual shape)
+    never route by each other's inputs. A thread that began no forward (the autograd engine's device threads, which
+    recompute checkpointed layers in a backward pass) reads the latest forward begun in any thread.
+    """
+
+    sequence_query = _forward_field("sequence_query")
+    token_mask = _forward_field("token_mask")
+    valid_mask = _forward_field("valid_mask")
+    sequence_sums = _forward_field("sequence_sums")
+    cached_sums = _forward_field("cached_sums")
+    sequence_gates = _forward_field("sequence_gates")
+    regularization = _forward_field("regularization")
+
+    def __init__(self, penalty_scale: float = 1.0, **forward) -> None:
+        self.penalty_scale = penalty_scale
+        self._threads = threading.local()
+        self._start(ForwardRouting(**forward))
+
+    def _start(self, forward: ForwardRouting) -> None:
+        self._threads.forward = self._latest = forward
+
+    @property
+    def forward(self) -> ForwardRouting:
+        """The calling thread's forward, or the latest one begun in any thread when this thread began none."""
+        return getattr(self._threads, "forward", self._latest)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles of a model keep the regularizers' weight; the routing of a forward is no state."""
+        return {"penalty_scale": self.penalty_scale}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     def report(self, values: dict[str, torch.Tensor]) -> None:
         """Add one layer's regularizer values to this forward's totals."""
+        totals = self.regularization
         for name, value in values.items():
-            total = self.regularization.get(name)
-            self.regularization[name] = value.detach() if total is None else total + value.detach()
+            total = totals.get(name)
+            totals[name] = value.detach() if total is None else total + value.detach()
 
     def begin_forward(self, args: tuple, kwargs: dict, embeddings: Optional[nn.Embedding], sequence: bool) -> None:
-        """Set the context from a model call's arguments; ``sequence``: whether any layer routes per sequence.
+        """Start the calling thread's forward from a model call's arguments; ``sequence``: whether any layer routes
+        per sequence.
 
-        A generation decode step keeps the sequence query decided from its own prompt at prefill, read from the KV
-        cache it continues (so interleaved conversations, each with its cache, keep their own routing); a decode step
-        whose cache holds no query is routed from its new tokens. It also reads the component routers' sums over the
-        cached tokens, to which it adds its own.
+        The sequence query is the mean of the embeddings of the whole sequence: a forward that extends a KV cache by
+        several tokens (a reused prompt cache, chunked prefill) adds them to the cached tokens' sum, kept with the
+        cache, so that it routes as one forward of the whole sequence would. A decode step (one new token) keeps the
+        query its cache holds, decided at prefill (so interleaved conversations, each with its cache, keep their own
+        routing), and adds its token to the sum; a decode step whose cache holds no query is routed from its own
+        token. It also reads the component routers' sums over the cached tokens, to which it adds its own.
         """
-        self.regularization, self.sequence_gates = {}, {}
+        forward = ForwardRouting()
+        self._start(forward)
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         inputs_embeds = kwargs.get("inputs_embeds")
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens is None or tokens.dim() < 2:
-            self.clear()
             return
         batch, length = tokens.shape[:2]
-        self.sequence_sums, self.cached_sums, self.valid_mask = {}, {}, None
-        if extends_cached_sequence(kwargs, length):
-            self.cached_sums = dict(getattr(kv_cache(kwargs), CACHED_SUMS, {}))
-            cached = getattr(kv_cache(kwargs), CACHED_QUERY, None)
-            if cached is not None and cached.shape[0] == batch:
-                self.sequence_query, self.token_mask = cached, None
-                return
-        valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
-            valid = attention_mask.bool()
-        self.valid_mask = valid
-        self.token_mask = prompt_mask(valid, kwargs.get("labels"))
-        self.sequence_query = None
-        if sequence:
-            with torch.no_grad():
-                embedded = inputs_embeds if inputs_embeds is not None else embeddings(input_ids)
-                self.sequence_query = masked_mean(embedded, self.token_mask)
+        cache = kv_cache(kwargs) if extends_cached_sequence(kwargs, length) else None
+        forward.cached_sums = dict(getattr(cache, CACHED_SUMS, {}))
+        forward.valid_mask = valid_positions(kwargs.get("attention_mask"), tokens)
+        forward.token_mask = prompt_mask(forward.valid_mask, kwargs.get("labels"))
+        if not sequence:
+            return
+        with torch.no_grad():
+            embedded = inputs_embeds if inputs_embeds is not None else embeddings(input_ids)
+            total, count = masked_sum(embedded, forward.token_mask)
+            cached_total, cached_count = getattr(cache, CACHED_EMBEDDING_SUMS, (None, None))
+            if cached_total is not None and cached_total.shape == total.shape:
+                total, count = (
+                    cached_total + total.to(cached_total.device),
+                    cached_count + count.to(cached_count.device),
+                )
+        forward.embedding_sums = (total, count)
+        cached_query = getattr(cache, CACHED_QUERY, None)
+        if length == 1 and cached_query is not None and cached_query.shape[0] == batch:
+            forward.sequence_query = cached_query
+            return
+        if cache is not None and length > 1:
+            warnings.warn(CONTINUATION_WARNING, stacklevel=2)
+        forward.sequence_query = total / count.clamp(min=1.0)
+
+
+def valid_positions(attention_mask: Optional[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool: the positions of the new tokens that the attention mask keeps (its last seq columns, as a
+    mask also covers the cached tokens); every position when no mask of that batch size is given."""
+    batch, length = tokens.shape[:2]
+    if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and attention_mask.shape[0] == batch:
+        if attention_mask.shape[1] >= length:
+            return attention_mask[:, -length:].bool()
+    return torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
 
 
 def prompt_mask(valid: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:

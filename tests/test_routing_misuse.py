@@ -1,0 +1,169 @@
+"""Routing under use that used to give silently wrong results: concurrent inference, a router metric switched before
+saving, non-finite training inputs, small tasks trained for several epochs, prompts after a cached prefix."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import DynamicCache
+
+from peft_sparta import SpaRTAConfig
+from peft_sparta.continual import RoutingRecorder
+from peft_sparta.layer import sparta_layers
+from tests.conftest import tiny_llama
+
+
+#: Token ranges of the two tasks' prompts: far apart, so that the router tells them apart at once.
+TASK_TOKENS = {"a": (3, 30), "b": (60, 90)}
+
+
+def config(**kwargs) -> SpaRTAConfig:
+    return SpaRTAConfig(r_shared=2, r_task=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **kwargs)
+
+
+def prompts(task: str, rows: int, length: int = 8, seed: int = 0) -> torch.Tensor:
+    low, high = TASK_TOKENS[task]
+    return torch.randint(low, high, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def learn(model, batches) -> None:
+    """Training-mode forwards that build the router state (no optimizer: the branches keep their values)."""
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch)
+    model.eval()
+
+
+def two_task_model(**kwargs):
+    model = get_peft_model(tiny_llama(), config(init_weights=False, task_names=["a"], **kwargs))
+    learn(model, [prompts("a", 8, seed=1)])
+    model.add_task("b")
+    learn(model, [prompts("b", 8, seed=2)])
+    return model
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# ---- 1. concurrent inference -------------------------------------------------------------------------------------
+
+
+def test_threads_running_inference_on_one_model_keep_their_own_routing():
+    """Two threads with other batch sizes and tasks: thread A is held inside its first adapted layer until thread B
+    has run a whole forward, then each thread keeps running; every output equals the single-threaded one."""
+    model = two_task_model()
+    inputs = {"a": prompts("a", 3, seed=5), "b": prompts("b", 5, seed=6)}
+    expected = {task: logits(model, ids) for task, ids in inputs.items()}
+    a_inside, b_done = threading.Event(), threading.Event()
+
+    def hold_thread_a_once(module, args):
+        if threading.current_thread().name == "a" and not a_inside.is_set():
+            a_inside.set()
+            b_done.wait(timeout=30)
+
+    hook = sparta_layers(model)[0].register_forward_pre_hook(hold_thread_a_once)
+    results, errors = {"a": [], "b": []}, []
+
+    def run(task: str) -> None:
+        try:
+            if task == "b":
+                a_inside.wait(timeout=30)
+            for step in range(20):
+                results[task].append(logits(model, inputs[task]))
+                if task == "b" and step == 0:
+                    b_done.set()
+        except Exception as error:  # reported below, with the thread's task
+            errors.append(f"thread {task}: {error!r}")
+            b_done.set()
+
+    threads = [threading.Thread(target=run, args=(task,), name=task) for task in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    hook.remove()
+    assert not errors
+    for task, outputs in results.items():
+        assert len(outputs) == 20
+        assert all(torch.equal(output, expected[task]) for output in outputs), task
+
+
+def test_backward_in_another_thread_recomputes_checkpointed_layers_with_the_forward_routing():
+    """The autograd engine runs a CUDA backward in a thread of its own, where gradient checkpointing recomputes the
+    layers: a thread that began no forward routes by the latest one (here: backward called from another thread)."""
+    model = get_peft_model(tiny_llama(), config(router="learned", task_names=["a", "b"]))
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = prompts("b", 2, seed=3)
+
+    def gradients(backward_in_thread: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        if backward_in_thread:
+            thread = threading.Thread(target=loss.backward)
+            thread.start()
+            thread.join()
+        else:
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    same_thread = gradients(backward_in_thread=False)
+    other_thread = gradients(backward_in_thread=True)
+    assert all(torch.equal(a, b) for a, b in zip(same_thread, other_thread))
+
+
+def test_a_copied_model_routes_as_the_original():
+    model = two_task_model()
+    copied = copy.deepcopy(model)
+    ids = torch.cat([prompts("a", 2, seed=7), prompts("b", 2, seed=8)])
+    assert torch.equal(logits(copied, ids), logits(model, ids))
+
+
+# ---- 5. a prompt after a cached prefix ---------------------------------------------------------------------------
+
+
+def test_prompts_after_a_cached_system_prompt_route_as_the_whole_sequence_would():
+    """transformers' prompt-cache reuse: a system prompt is run once into a cache, each user prompt continues a copy.
+    Each continuation routes to its own task, with the gates of one forward of system prompt + prompt, and warns
+    that the cached prefix was computed under another routing."""
+    system = torch.randint(40, 50, (1, 6), generator=torch.Generator().manual_seed(9))
+    model = get_peft_model(tiny_llama(), config(init_weights=False, task_names=["a"]))
+    for index, task in enumerate("ab"):
+        if index:
+            model.add_task(task)
+        learn(model, [torch.cat([system.expand(8, -1), prompts(task, 8, seed=index + 1)], dim=1)])
+    prefix = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=system, cache=prefix, use_cache=True)
+    for expected_task, task in enumerate("ab"):
+        prompt = prompts(task, 1, seed=20 + expected_task)
+        whole = torch.cat([system, prompt], dim=1)
+        with RoutingRecorder(model) as recorder, torch.no_grad():
+            model(input_ids=whole)
+            with pytest.warns(UserWarning, match="reuse a cached prefix only among prompts of one task"):
+                model(input_ids=prompt, cache=copy.deepcopy(prefix), attention_mask=torch.ones_like(whole))
+        one_forward, continued = recorder.take()
+        assert continued.argmax().item() == expected_task
+        torch.testing.assert_close(continued, one_forward)
+
+
+def test_decode_steps_after_a_continuation_keep_its_routing_and_chunked_prefill_routes_as_one_forward():
+    model = two_task_model()
+    whole = torch.cat([prompts("a", 2, length=4, seed=11), prompts("b", 2, length=12, seed=12)], dim=1)
+    with RoutingRecorder(model) as recorder, torch.no_grad(), pytest.warns(UserWarning):
+        model(input_ids=whole)
+        cache = DynamicCache()
+        model(input_ids=whole[:, :4], cache=cache, use_cache=True)
+        model(input_ids=whole[:, 4:], cache=cache, use_cache=True)
+        model(input_ids=torch.tensor([[5], [5]]), cache=cache, use_cache=True)
+    one_forward, first_chunk, last_chunk, decode_step = recorder.take().split(2)
+    assert first_chunk.argmax(dim=-1).tolist() == [0, 0] and one_forward.argmax(dim=-1).tolist() == [1, 1]
+    torch.testing.assert_close(last_chunk, one_forward)
+    assert torch.equal(decode_step, last_chunk)
