@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from .config import QUERY_SCATTER_FORMAT_VERSION, SpaRTAConfig
+from .config import COSINE_QUERY_SCATTER_FORMAT_VERSION, SpaRTAConfig
 from .errors import SpaRTALoadError
 
 
@@ -35,10 +35,11 @@ def drop_per_layer_router_copies(checkpoint: dict, expected: dict, config: SpaRT
     return {key: value for key, value in checkpoint.items() if ".sparta_router." not in key or key in expected}
 
 
-def add_query_scatter_of_older_versions(checkpoint: dict, expected: dict, config: SpaRTAConfig) -> dict:
-    """Format versions before 5 kept no query spread: such an adapter loads with a zero ``query_scatter`` and
+def add_missing_query_spread(checkpoint: dict, expected: dict, config: SpaRTAConfig) -> dict:
+    """Adapters before version 6 may lack the query spread: versions before 5 kept none, and version 5 kept it only
+    when the router was built with the discriminant metric. Such an adapter loads with a zero ``query_scatter`` and
     ``query_count``, under which the discriminant metric whitens by the prototypes' spread alone, as it did then."""
-    if config.format_version >= QUERY_SCATTER_FORMAT_VERSION:
+    if config.format_version >= COSINE_QUERY_SCATTER_FORMAT_VERSION:
         return checkpoint
     spread = {
         key: torch.zeros_like(value)

@@ -18,7 +18,7 @@ from .registration import PEFT_TYPE_SPARTA
 
 #: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code. The newest
 #: version, read and written by this code.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 #: The version per-task adapters (``task_branches="per_task"``) are written in, which releases before version 4 read.
 PER_TASK_FORMAT_VERSION = 3
@@ -27,8 +27,13 @@ PER_TASK_FORMAT_VERSION = 3
 SHARED_BRANCH_FORMAT_VERSION = 4
 
 #: The version of prototype-router adapters, which may hold the query spread (``query_scatter``, a tensor releases
-#: before version 5 reject); older adapters load without it (`checkpoint.add_query_scatter_of_older_versions`).
+#: before version 5 reject); older adapters load without it (`checkpoint.add_missing_query_spread`).
 QUERY_SCATTER_FORMAT_VERSION = 5
+
+#: The version of prototype-router adapters saved with ``router_metric="cosine"``: under sequence routing they hold the
+#: query spread whatever the metric (version 5 kept it only for a router built with the discriminant metric, so its
+#: readers reject it under "cosine"); version 5 and older load without it (`checkpoint.add_missing_query_spread`).
+COSINE_QUERY_SCATTER_FORMAT_VERSION = 6
 
 #: Fields read at every forward, so that changing them on `peft_config` takes effect at once.
 RUN_TIME_FIELDS = frozenset(
@@ -148,8 +153,9 @@ class SpaRTAConfig(PeftConfig):
             numbers, topic words) counts less than what tells tasks apart, so prompts that differ in one instruction
             word route apart. Its similarities are scaled by ``DISCRIMINANT_SCORE_SCALE`` (0.25) before the softmax,
             so that the default temperature leaves text of no task as mixed as the cosine does. The spread comes from
-            the prototypes and, under sequence routing, one (d, d) matrix kept in training and saved with the adapter
-            (``query_scatter``: how queries spread around their prototype, d the query size); the transform is
+            the prototypes and, under sequence routing, one (d, d) matrix kept in training under any metric (so that
+            the metric can be switched at any time) and saved with the adapter (``query_scatter``: how queries spread
+            around their prototype, d the query size); the transform is
             computed again once per change of them, and costs one triangular solve per query. Abstaining
             (``router_abstain_threshold``, ``router_abstain_spread``) always compares the plain cosine similarity. "auto": "discriminant" for the
             prototype router under sequence routing, "cosine" otherwise (under token routing the solve would run for
@@ -405,8 +411,9 @@ class SpaRTAConfig(PeftConfig):
         """The config as saved: ``format_version`` is the version of the files written now (the oldest that holds this
         adapter, see the ``*_FORMAT_VERSION`` constants), also for an adapter that was loaded from an older version."""
         version = SHARED_BRANCH_FORMAT_VERSION if self.task_branches == "shared" else PER_TASK_FORMAT_VERSION
-        if self.router == "prototype":  # whatever the metric is now, it may have been "discriminant" in training
-            version = QUERY_SCATTER_FORMAT_VERSION
+        if self.router == "prototype":
+            cosine = self.router_metric == "cosine"
+            version = COSINE_QUERY_SCATTER_FORMAT_VERSION if cosine else QUERY_SCATTER_FORMAT_VERSION
         return {
             **super().to_dict(),
             "format_version": version,

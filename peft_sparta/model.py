@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import (
-    add_query_scatter_of_older_versions,
+    add_missing_query_spread,
     check_checkpoint,
     check_task_count,
     current_key,
@@ -466,7 +466,7 @@ class SpaRTAModel(BaseTuner):
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         remapped = drop_per_layer_router_copies(remapped, expected, config)
-        remapped = add_query_scatter_of_older_versions(remapped, expected, config)
+        remapped = add_missing_query_spread(remapped, expected, config)
         check_checkpoint(expected, remapped, config)
         return remapped
 

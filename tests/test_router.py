@@ -257,12 +257,14 @@ def test_query_spread_whitens_what_one_prototype_per_task_does_not_show():
     assert accuracy() < 0.95
 
 
-def test_only_the_discriminant_metric_keeps_a_query_scatter():
-    """It is (d, d): one per adapter under sequence routing, none for the per-layer token routers (by default they
-    compare by cosine; with the discriminant metric asked for they whiten by the prototypes alone)."""
-    config = SpaRTAConfig(target_modules=["q"])
-    assert prototype.PrototypeRouter(config, "sequence", 8).query_scatter.shape == (8, 8)
-    assert prototype.PrototypeRouter(config, "token", 8).query_scatter is None
+def test_sequence_routing_keeps_a_query_scatter_whatever_the_metric():
+    """It is (d, d): one per adapter under sequence routing, kept under any metric (the metric can change at any
+    time), none for the per-layer token routers (with the discriminant metric they whiten by the prototypes alone)."""
+    for metric in ("auto", "cosine", "discriminant"):
+        config = SpaRTAConfig(target_modules=["q"], router_metric=metric)
+        assert prototype.PrototypeRouter(config, "sequence", 8).query_scatter.shape == (8, 8)
+        assert prototype.PrototypeRouter(config, "token", 8).query_scatter is None
+        assert "query_scatter" not in prototype.PrototypeRouter(config, "token", 8).state_dict()
     assert "query_scatter" not in prototype.PrototypeRouter(config, "token", 8).state_dict()
     discriminant = SpaRTAConfig(target_modules=["q"], router_metric="discriminant")
     assert prototype.PrototypeRouter(discriminant, "token", 8).query_scatter is None

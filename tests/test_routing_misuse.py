@@ -4,14 +4,16 @@ saving, non-finite training inputs, small tasks trained for several epochs, prom
 from __future__ import annotations
 
 import copy
+import json
 import threading
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
-from peft_sparta import SpaRTAConfig
+from peft_sparta import SpaRTAConfig, SpaRTALoadError
 from peft_sparta.continual import RoutingRecorder
 from peft_sparta.layer import sparta_layers
 from tests.conftest import tiny_llama
@@ -124,6 +126,52 @@ def test_a_copied_model_routes_as_the_original():
     copied = copy.deepcopy(model)
     ids = torch.cat([prompts("a", 2, seed=7), prompts("b", 2, seed=8)])
     assert torch.equal(logits(copied, ids), logits(model, ids))
+
+
+# ---- 2. router_metric switched at run time, then saved ------------------------------------------------------------
+
+
+def mixed_prompts() -> torch.Tensor:
+    return torch.cat([prompts("a", 2, seed=30), prompts("b", 2, seed=31), prompts("a", 1, seed=32) + 30])
+
+
+@pytest.mark.parametrize(("built_with", "saved_with"), [("discriminant", "cosine"), ("cosine", "discriminant")])
+def test_an_adapter_saved_after_switching_router_metric_loads_to_the_same_outputs(tmp_path, built_with, saved_with):
+    """A soft temperature and no floor, so that any change of the choice scores shows in the logits."""
+    model = two_task_model(router_metric=built_with, router_temperature=5.0, router_abstain_spread=None)
+    model.peft_config["default"].router_metric = saved_with
+    learn(model, [prompts("b", 4, seed=3)])  # the current task keeps training under the new metric
+    expected = logits(model, mixed_prompts())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert loaded.peft_config["default"].router_metric == saved_with
+    assert torch.equal(logits(loaded, mixed_prompts()), expected)
+    loaded.peft_config["default"].router_metric = built_with
+    model.peft_config["default"].router_metric = built_with
+    assert torch.equal(logits(loaded, mixed_prompts()), logits(model, mixed_prompts()))
+
+
+def test_a_version_5_adapter_built_under_cosine_loads_without_a_query_spread(tmp_path):
+    """Version 5 kept the query spread only for a router built with the discriminant metric; such an adapter loads
+    with a zero spread, as its router held none. From version 6 on, a missing spread is an incomplete file."""
+    model = two_task_model(router_metric="cosine", router_temperature=5.0, router_abstain_spread=None)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    save_file(
+        {key: value for key, value in weights.items() if ".query_" not in key}, tmp_path / "adapter_model.safetensors"
+    )
+    with pytest.raises(SpaRTALoadError, match="lack 2 tensors"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "format_version": 5}))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert torch.equal(logits(loaded, mixed_prompts()), logits(model, mixed_prompts()))
+    for router in (loaded, model):
+        router.peft_config["default"].router_metric = "discriminant"
+    owner = sparta_layers(model)[0].sparta_router["default"]
+    owner.query_scatter.zero_()
+    owner.query_count.zero_()
+    assert torch.equal(logits(loaded, mixed_prompts()), logits(model, mixed_prompts()))
 
 
 # ---- 5. a prompt after a cached prefix ---------------------------------------------------------------------------

@@ -205,11 +205,15 @@ def test_sequence_router_state_is_stored_once_per_adapter(tmp_path):
     assert len(router_keys) == 4  # prototypes, counts and the query spread (2), once for the whole adapter
 
 
-def test_adapter_with_a_query_spread_is_saved_as_version_5_whatever_the_metric_is_now(tmp_path):
-    """The metric can change at run time; the saved version follows what the weights hold, so that a release that
-    cannot read the query spread refuses the file by its version instead of failing on an unknown tensor."""
+@pytest.mark.parametrize(("metric", "version"), [("auto", 5), ("discriminant", 5), ("cosine", 6)])
+def test_adapter_saved_under_each_metric_holds_the_query_spread_and_the_version_that_reads_it(
+    tmp_path, metric, version
+):
+    """The metric can change at run time and the query spread is kept under every metric. Version 5 readers build it
+    for the discriminant metric only, so an adapter saved under "cosine" is version 6: a release that cannot read it
+    refuses the file by its version instead of failing on an unknown tensor."""
     model = three_task_model()
-    model.peft_config["default"].router_metric = "cosine"
+    model.peft_config["default"].router_metric = metric
     model.save_pretrained(tmp_path)
     assert any(key.endswith("query_scatter") for key in load_file(tmp_path / "adapter_model.safetensors"))
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == 5
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == version

@@ -36,19 +36,20 @@ class PrototypeRouter(Router):
     """Scores a query by its best cosine similarity to each task's prototypes.
 
     State (persistent buffers, saved with the adapter): ``prototypes`` (tasks, P, d) and ``counts`` (tasks, P), the
-    number of training queries each prototype averages (0: not seeded yet); under ``router_metric="discriminant"`` with
-    sequence routing also ``query_scatter`` (d, d), the mean of (q - p)(q - p)^T over every training query q and its
-    prototype p, and ``query_count`` (), the number of queries it averages: how prompts vary around their prototype
-    (names, numbers, topic words), which the prototypes alone do not show. It is pooled over tasks and kept when a
-    task is removed. Token routing, where every adapted layer has a router of its own input's size, keeps none (a
-    d x d matrix per layer would grow with the square of the widest layer's input).
+    number of training queries each prototype averages (0: not seeded yet); under sequence routing also
+    ``query_scatter`` (d, d), the mean of (q - p)(q - p)^T over every training query q and its prototype p, and
+    ``query_count`` (), the number of queries it averages: how prompts vary around their prototype (names, numbers,
+    topic words), which the prototypes alone do not show. ``router_metric="discriminant"`` whitens by it; it is kept
+    whatever the metric, which can change at any time (the adapter then saves and loads alike). It is pooled over tasks
+    and kept when a task is removed. Token routing, where every adapted layer has a router of its own input's size,
+    keeps none (a d x d matrix per layer would grow with the square of the widest layer's input).
     """
 
     def __init__(self, config, granularity: str, source_dim: int) -> None:
         super().__init__(config, granularity, source_dim)
         self.register_buffer("prototypes", torch.zeros(0, config.router_prototypes, self.query_dim))
         self.register_buffer("counts", torch.zeros(0, config.router_prototypes, dtype=torch.long))
-        keeps_spread = self.metric == "discriminant" and granularity == "sequence"
+        keeps_spread = granularity == "sequence"
         self.register_buffer("query_scatter", torch.zeros(self.query_dim, self.query_dim) if keeps_spread else None)
         self.register_buffer("query_count", torch.zeros((), dtype=torch.long) if keeps_spread else None)
         self._discriminant = None
