@@ -13,6 +13,7 @@ from .errors import SpaRTALoadError
 from .layer import Linear, SpaRTALayer
 from .model import SpaRTAModel
 from .registration import PEFT_TYPE_SPARTA, register_sparta
+from .routers.standalone import TaskRouter
 
 
 __version__ = "0.1.0.dev0"
@@ -28,5 +29,6 @@ __all__ = [
     "SpaRTALayer",
     "SpaRTALoadError",
     "SpaRTAModel",
+    "TaskRouter",
     "__version__",
 ]

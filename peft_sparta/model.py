@@ -24,6 +24,7 @@ from .checkpoint import (
     drop_per_layer_router_copies,
 )
 from .config import SpaRTAConfig
+from .export import export_lora
 from .layer import Linear, SpaRTALayer, iter_sparta_layers, sparta_layers
 from .optimizer_guard import guard_optimizers_of
 from .restoration import RestorePoint, count_optimizer_steps_of, restore, take_restore_point
@@ -434,6 +435,17 @@ class SpaRTAModel(BaseTuner):
         for layer in layers:
             if adapter_name in layer.forced_task:
                 layer.forced_task[adapter_name] = index
+
+    def export_lora(
+        self,
+        save_directory: str,
+        tasks: Optional[list[str]] = None,
+        adapter_name: Optional[str] = None,
+        progressbar: bool = False,
+    ) -> dict[Optional[str], str]:
+        """Write each task as a plain PEFT LoRA adapter (``save_directory/<task>/``) and the shared branch alone
+        (``save_directory/_shared_only/``), for engines that serve LoRA; see `peft_sparta.export.export_lora`."""
+        return export_lora(self, save_directory, tasks, adapter_name, progressbar)
 
     # ---- PEFT overrides ----------------------------------------------------------------------------------------------
 
