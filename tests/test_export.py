@@ -150,8 +150,13 @@ def test_mixed_adapter_batch_with_the_routers_picks_reproduces_sparta(tmp_path, 
 
 
 def test_task_router_decides_as_sparta_under_each_metric_floor_and_threshold(tmp_path):
-    model = three_task_model(tiny_llama(), LLAMA_TARGETS, top_k=1)
+    """One prototype per task, so that the training queries spread around it and the discriminant metric's query
+    spread decides some of the random prompts (as it does in SpaRTA)."""
+    model = three_task_model(tiny_llama(), LLAMA_TARGETS, top_k=1, router_prototypes=1)
     input_ids, attention_mask = requests()
+    random_prompts = torch.randint(0, 97, (16, 8), generator=torch.Generator().manual_seed(3))
+    input_ids = torch.cat([input_ids, random_prompts])
+    attention_mask = torch.cat([attention_mask, torch.ones_like(random_prompts)])
     model.save_pretrained(tmp_path)
     router = TaskRouter.from_pretrained(tmp_path, embeddings=model.get_input_embeddings())
     settings = [("discriminant", "auto", None), ("cosine", "auto", None), ("cosine", None, 0.8), ("auto", 0.5, None)]
@@ -167,6 +172,20 @@ def test_task_router_decides_as_sparta_under_each_metric_floor_and_threshold(tmp
         decisions.append(expected)
         assert router.route(input_ids, attention_mask) == expected, (metric, spread, threshold)
     assert len({tuple(decision) for decision in decisions}) > 1, "the settings change some decision"
+
+
+def test_task_router_routes_by_the_tokens_the_attention_mask_keeps(tmp_path):
+    """A prompt of task a after 24 padding positions that hold task b's tokens goes to task a, as in SpaRTA."""
+    model = three_task_model(tiny_llama(), LLAMA_TARGETS, top_k=1)
+    model.save_pretrained(tmp_path)
+    router = TaskRouter.from_pretrained(tmp_path, embeddings=model.get_input_embeddings())
+    input_ids = torch.cat([task_batch(1).flatten()[:24], task_batch(0)[0]])[None]
+    attention_mask = (torch.arange(32) >= 24).long()[None]
+    with RoutingRecorder(model, training=False) as recorder:
+        logits(model, input_ids, attention_mask)
+    assert recorder.take().argmax(dim=-1).tolist() == [0]
+    assert router.route(input_ids, attention_mask) == ["a"]
+    assert router.route(input_ids) != ["a"]
 
 
 class CharacterTokenizer:
