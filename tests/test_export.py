@@ -237,8 +237,6 @@ def adapter_with(**settings):
     [
         ({"task_names": ["a", "b"]}, {"tasks": ["a", "x"]}, "Unknown tasks \\['x'\\]"),
         ({"task_names": ["a", "b"]}, {"tasks": []}, "each task to export once"),
-        ({"task_names": ["a", "b/c"]}, {}, "not plain folder names"),
-        ({"task_names": ["_shared_only"]}, {}, "not plain folder names"),
         ({"task_names": ["Task", "task"]}, {}, "differ only in case"),
         ({"task_names": ["a", "b"], "router_granularity": "token"}, {}, "routes per token"),
         ({"task_names": ["a", "b"], "router": "spectral"}, {}, "routes per token"),
@@ -252,6 +250,21 @@ def test_refused_exports_say_why_and_write_nothing(tmp_path, settings, call, mes
     with pytest.raises(ValueError, match=message):
         model.export_lora(tmp_path / "out", **call)
     assert not (tmp_path / "out").exists()
+
+
+def test_task_names_that_are_no_plain_folder_names_are_written_percent_encoded(tmp_path):
+    names = ["summarize/en", "_shared_only", "..", "Übersetzung", "a b"]
+    written = adapter_with(task_names=names).export_lora(tmp_path)
+    folders = {name: os.path.basename(path) for name, path in written.items()}
+    assert folders == {
+        "summarize/en": "summarize%2Fen",
+        "_shared_only": "%5Fshared_only",
+        "..": "%2E.",
+        "Übersetzung": "%C3%9Cbersetzung",
+        "a b": "a%20b",
+        None: SHARED_ONLY_FOLDER,
+    }
+    assert sorted(os.listdir(tmp_path)) == sorted(folders.values())
 
 
 def test_export_refuses_a_file_or_a_non_empty_folder_and_leaves_it_as_it_was(tmp_path):

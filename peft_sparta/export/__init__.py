@@ -28,11 +28,11 @@ from ..layer import SpaRTALayer
 
 
 #: Folder of the shared branch alone (what SpaRTA applies to inputs its router abstains on). Task folders start with
-#: a letter or a digit (`TASK_FOLDER_NAME`), so no task can take this name.
+#: a letter, a digit or "%" (`task_folder`), so no task can take this name.
 SHARED_ONLY_FOLDER = "_shared_only"
 
-#: Task names that are exported as they are, as folder names: a letter or digit, then letters, digits, ".", "_", "-".
-TASK_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Characters a task's folder keeps as they are (`task_folder`); the first one must also be a letter or a digit.
+PLAIN_CHARACTER = re.compile(r"[A-Za-z0-9._-]")
 
 #: The largest LoRA rank vLLM serves (its ``max_lora_rank``).
 VLLM_MAX_LORA_RANK = 512
@@ -49,7 +49,7 @@ def export_lora(
 ) -> dict[Optional[str], str]:
     """Write each task of a SpaRTA adapter as a standard PEFT LoRA adapter, and the shared branch alone as another.
 
-    ``save_directory/<task>/`` holds adapter_config.json and adapter_model.safetensors of a LoRA whose output equals
+    ``save_directory/<task>/`` (the task's name, made a safe folder name by `task_folder`) holds adapter_config.json and adapter_model.safetensors of a LoRA whose output equals
     SpaRTA forced to that task (`set_task`); ``save_directory/_shared_only/`` the LoRA of the shared branch alone, what
     SpaRTA applies to inputs its router abstains on (a rank-1 LoRA of zeros, i.e. the base model, when
     ``r_shared=0``). Every module gets the one rank r_shared + r_task, ``lora_alpha`` equals the rank, no bias, no
@@ -57,9 +57,9 @@ def export_lora(
     Returns {task name: folder}, with the shared-only folder under the key None.
 
     Refused, with nothing written: the paper design (``task_branches="shared"``) and token routing (the output is a
-    per-input mix that no single LoRA reproduces), trained biases or ``modules_to_save`` (vLLM takes neither), task
-    names that are not plain folder names (`TASK_FOLDER_NAME`), unknown tasks, and a ``save_directory`` that is a
-    file or a non-empty folder.
+    per-input mix that no single LoRA reproduces), trained biases or ``modules_to_save`` (vLLM takes neither), unknown
+    tasks, task names whose folders differ only in case, and a ``save_directory`` that is a file or a non-empty
+    folder.
     """
     adapter_name = tuner._adapter(adapter_name)
     config = tuner.peft_config[adapter_name]
@@ -82,7 +82,7 @@ def export_lora(
     written: dict[Optional[str], str] = {}
     for name in tqdm([*names, None], desc="Exporting LoRA adapters", disable=not progressbar):
         task = None if name is None else config.task_names.index(name)
-        path = os.path.join(folder, SHARED_ONLY_FOLDER if name is None else name)
+        path = os.path.join(folder, SHARED_ONLY_FOLDER if name is None else task_folder(name))
         weights = {
             key: tensor
             for module_name, layer in layers.items()
@@ -183,21 +183,32 @@ def _tasks_to_export(config: SpaRTAConfig, tasks: Optional[Union[str, Iterable[s
         raise ValueError(f"Unknown tasks {unknown}; the adapter's tasks are {config.task_names}.")
     if not names or len(set(names)) != len(names):
         raise ValueError(f"tasks must name each task to export once (or be None for every task), got {names!r}.")
-    unsafe = [name for name in names if not TASK_FOLDER_NAME.fullmatch(name)]
-    if unsafe:
-        raise ValueError(
-            f"Task names {unsafe} are not plain folder names: an exported task's folder is its name, which must start "
-            "with a letter or digit and hold only letters, digits, '.', '_' and '-'. Rename the task first, e.g. "
-            "model.peft_config['default'].task_names[i] = 'new_name' (names are labels: the branches stay)."
-        )
-    folded = [name.lower() for name in names]
-    clashes = sorted({name for name in names if folded.count(name.lower()) > 1})
+    folded = [task_folder(name).lower() for name in names]
+    clashes = sorted({name for name in names if folded.count(task_folder(name).lower()) > 1})
     if clashes:
         raise ValueError(
             f"Task names {clashes} differ only in case, so their folders would clash on case-insensitive file "
-            "systems; rename one of them first."
+            "systems; export them to separate folders (tasks=[...])."
         )
+    too_long = [name for name in names if len(task_folder(name).encode()) > 255]
+    if too_long:
+        raise ValueError(f"Task names {too_long} make folder names longer than 255 bytes; export the other tasks.")
     return names
+
+
+def task_folder(name: str) -> str:
+    """The folder of task ``name``: the name, with each character other than letters, digits, ".", "_" and "-", and
+    a first character other than a letter or digit, written as "%" and the hex of its UTF-8 bytes (as in URLs):
+    "summarize/en" -> "summarize%2Fen", "_x" -> "%5Fx". Distinct names give distinct folders, none of them
+    `SHARED_ONLY_FOLDER`."""
+
+    def plain(character: str, first: bool) -> bool:
+        return bool(PLAIN_CHARACTER.fullmatch(character)) and (not first or character.isalnum())
+
+    return "".join(
+        character if plain(character, index == 0) else "".join(f"%{byte:02X}" for byte in character.encode())
+        for index, character in enumerate(name)
+    )
 
 
 def _check_output_folder(save_directory: Union[str, os.PathLike]) -> str:
