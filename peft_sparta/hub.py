@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from typing import Optional
 
 import torch
@@ -39,9 +40,12 @@ def _is_sparta(config) -> bool:
 
 
 def model_card_section(model: PeftModel, adapter_name: str) -> str:
-    """Markdown describing a SpaRTA adapter: tasks, ranks, router, and how to load it (import peft_sparta first)."""
+    """Markdown describing a SpaRTA adapter: tasks, ranks, router, and how to load it (import peft_sparta first).
+
+    Task names and the base model's name are anyone's text: the list shows them as code spans on one line, the code
+    snippet as Python literals (`repr`), so that no name can add a line to the card or to its code."""
     config = model.peft_config[adapter_name]
-    tasks = "\n".join(f"{index}. `{name}`" for index, name in enumerate(config.task_names, start=1))
+    tasks = "\n".join(f"{index}. {_code_span(name)}" for index, name in enumerate(config.task_names, start=1))
     base = config.base_model_name_or_path or "<base model>"
     if getattr(config, "task_branches", "per_task") == "shared":
         design = (
@@ -54,6 +58,15 @@ def model_card_section(model: PeftModel, adapter_name: str) -> str:
             f"a shared low-rank branch (rank {config.r_shared}) and one branch of rank {config.r_task} per task, with "
             f"a `{config.router}` router that picks the task branch from the input"
         )
+    snippet = f"""import peft_sparta  # pip install peft-sparta-cl
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained({base!r})
+model = PeftModel.from_pretrained(base, "<this repo>")
+model.set_task(None)  # the router decides; or model.set_task({config.task_names[-1]!r})
+"""
+    fence = "`" * max(3, _longest_backtick_run(snippet) + 1)
     return f"""{MODEL_CARD_HEADING}
 
 Continual-learning adapter trained with [SpaRTA](https://pypi.org/project/peft-sparta-cl/): {design} (no task id
@@ -65,16 +78,22 @@ Tasks, in training order:
 Load it (the `import peft_sparta` line is required: it registers the SPARTA adapter type with PEFT, without it PEFT
 raises `KeyError: 'SPARTA'`):
 
-```python
-import peft_sparta  # pip install peft-sparta-cl
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-base = AutoModelForCausalLM.from_pretrained("{base}")
-model = PeftModel.from_pretrained(base, "<this repo>")
-model.set_task(None)  # the router decides; or model.set_task("{config.task_names[-1]}")
-```
+{fence}python
+{snippet}{fence}
 """
+
+
+def _code_span(text: str) -> str:
+    """``text`` as a Markdown code span on one line (control characters written as Python escapes), delimited by more
+    backticks than it holds in a row, so that it shows as written."""
+    text = repr(text)[1:-1]
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{padding}{text}{padding}{fence}"
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall("`+", text)), default=0)
 
 
 def _add_sparta_card_content(model: PeftModel, output_dir: str) -> None:
@@ -306,7 +325,8 @@ def _load_error(error: Exception, model_id, subfolder: Optional[str] = None) -> 
         )
     return SpaRTALoadError(
         f"Could not load the SpaRTA adapter from {str(model_id)!r}: {type(error).__name__}: {error}. The model was left "
-        "as it was. Check that the adapter's files are complete and uncorrupted."
+        "as it was. Check that the adapter's files are complete and uncorrupted; if they are, please report this "
+        "error to peft-sparta-cl."
     )
 
 

@@ -128,8 +128,10 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
 
     def remove_task(self, adapter_name: str, index: int) -> None:
         """Drop task ``index``'s branch and router state, as if it had never been added: the last remaining task is
-        the current one (trainable if the adapter was being trained). With ``task_branches="shared"`` only the
-        task's router rows go: the branches keep what every task taught them."""
+        the current one, and if the adapter was being trained, what would be trainable had the task never been
+        added is trainable again (the current branch and router state, the shared branch when one task is left).
+        With ``task_branches="shared"`` only the task's router rows go: the branches keep what every task taught
+        them."""
         trainable = self.sparta_A_task[adapter_name][-1].requires_grad
         if not self.shares_task_branch(adapter_name):
             for container in (self.sparta_A_task, self.sparta_B_task):
@@ -139,8 +141,9 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         forced = self.forced_task[adapter_name]
         if forced is not None:
             self.forced_task[adapter_name] = None if forced == index else forced - int(forced > index)
-        self.sparta_A_task[adapter_name][-1].requires_grad_(trainable)
-        self.sparta_B_task[adapter_name][-1].requires_grad_(trainable)
+        if trainable:
+            for param in self.adapter_parameters(adapter_name):
+                param.requires_grad_(True)
         self._freeze_finished(adapter_name)
 
     def _new_branch(self, rank: int, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from typing import Optional
 
@@ -12,7 +13,7 @@ from peft.tuners.tuners_utils import (
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
 )
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -104,6 +105,8 @@ class SpaRTAModel(BaseTuner):
         self._hook_handles: list = []
         self._restore_points: dict[str, RestorePoint] = {}
         self._built_with: dict[str, dict] = {}
+        #: parameters dropped by remove_task, by which `optimizer_guard` knows the optimizers built before it
+        self.removed_parameters: weakref.WeakSet = weakref.WeakSet()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ---- injection ---------------------------------------------------------------------------------------------------
@@ -264,6 +267,8 @@ class SpaRTAModel(BaseTuner):
         self.routing_context.begin_forward(args, kwargs, self._input_embeddings(), self._needs_sequence_query())
         if module.training:
             self._take_restore_points()
+            for adapter_name in self.active_adapters:
+                self._freeze_finished_modules_to_save(adapter_name)
 
     def _needs_sequence_query(self) -> bool:
         return any(
@@ -303,8 +308,8 @@ class SpaRTAModel(BaseTuner):
 
     @penalty_scale.setter
     def penalty_scale(self, scale: float) -> None:
-        if not scale > 0:
-            raise ValueError(f"penalty_scale must be > 0, got {scale!r}.")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise ValueError(f"penalty_scale must be a finite number > 0, got {scale!r}.")
         self.routing_context.penalty_scale = float(scale)
 
     # ---- stochastic restoration (see `peft_sparta.restoration`) ------------------------------------------------------
@@ -388,6 +393,7 @@ class SpaRTAModel(BaseTuner):
         for layer in layers:
             layer.add_task(adapter_name)
         config.task_names.append(task_name)
+        self._freeze_finished_modules_to_save(adapter_name)
         self._built_with[adapter_name]["task_names"] = list(config.task_names)
         self._restore_points.pop(adapter_name, None)
         self.set_task(None, adapter_name)
@@ -412,11 +418,38 @@ class SpaRTAModel(BaseTuner):
         if any(adapter_name in layer.merged_adapters for layer in layers):
             raise ValueError("Cannot remove a task while the adapter is merged; call unmerge_adapter() first.")
         index = config.task_names.index(task_name)
+        before = {param for layer in layers for param in layer.adapter_parameters(adapter_name)}
         for layer in layers:
             layer.remove_task(adapter_name, index)
+        after = {param for layer in layers for param in layer.adapter_parameters(adapter_name)}
+        self.removed_parameters.update(before - after)
         config.task_names.remove(task_name)
         self._built_with[adapter_name]["task_names"] = list(config.task_names)
+        if len(config.task_names) == 1 and layers and layers[0].sparta_A_task[adapter_name][-1].requires_grad:
+            for module in self._modules_to_save(adapter_name):
+                module.requires_grad_(True)  # trainable again, as with the first task alone
         self._restore_points.pop(adapter_name, None)
+
+    def _modules_to_save(self, adapter_name: str) -> list[nn.Module]:
+        """The adapter's copies of the modules in ``modules_to_save`` (e.g. the head PEFT adds for SEQ_CLS)."""
+        if not getattr(self.peft_config.get(adapter_name), "modules_to_save", None):
+            return []
+        wrappers = (module for module in self.model.modules() if isinstance(module, ModulesToSaveWrapper))
+        return [
+            wrapper.modules_to_save[adapter_name] for wrapper in wrappers if adapter_name in wrapper.modules_to_save
+        ]
+
+    def _freeze_finished_modules_to_save(self, adapter_name: str) -> None:
+        """``modules_to_save`` (a classification head) follow the shared branch: one module for every task, trained
+        with the first task and frozen by the first `add_task` under ``shared_update="freeze_after_first"``, so that
+        training a later task cannot move an earlier task's outputs through it; trained on every task under "train".
+        PEFT makes them trainable again in `set_adapter` and when loading with ``is_trainable=True``, so every training
+        forward freezes them again."""
+        config = self.peft_config.get(adapter_name)
+        if config is None or config.shared_update == "train" or len(config.task_names) <= 1:
+            return
+        for module in self._modules_to_save(adapter_name):
+            module.requires_grad_(False)
 
     def set_task(self, task_name: Optional[str], adapter_name: Optional[str] = None) -> None:
         """Route every input to ``task_name``'s branch (task-aware evaluation, merging), or to the router (None)."""

@@ -2,10 +2,11 @@
 
 `add_task` creates new parameters and freezes old ones. An optimizer built before it (a reused Trainer, a custom loop
 that keeps its optimizer) does not hold the new branch, which then never trains, and its momentum keeps moving frozen
-branches whose gradients are zero tensors (``zero_grad(set_to_none=False)``). Before every optimizer step this
-guard clears the gradients of frozen SpaRTA parameters (optimizers skip parameters without a gradient) and warns,
-once per optimizer and set of parameters, when trainable SpaRTA parameters are missing from an optimizer that holds
-others of the same model.
+branches whose gradients are zero tensors (``zero_grad(set_to_none=False)``). `remove_task` of the newest task makes
+the task before it trainable again, which an optimizer built for the removed task does not hold. Before every
+optimizer step this guard clears the gradients of frozen SpaRTA parameters (optimizers skip parameters without a
+gradient) and warns, once per optimizer and set of parameters, when trainable SpaRTA parameters are missing from an
+optimizer that holds others of the same model, or parameters that `remove_task` dropped from it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _before_step(optimizer, args, kwargs) -> None:
     held = held_parameter_ids(optimizer)
     for tuner in list(_TUNERS):
         adapter_params = [(name, param) for name, param in tuner.model.named_parameters() if tuner.prefix in name]
-        if not any(id(param) in held for _, param in adapter_params):
+        removed = list(getattr(tuner, "removed_parameters", ()))
+        if not any(id(param) in held for param in [*(param for _, param in adapter_params), *removed]):
             continue
         for _, param in adapter_params:
             if not param.requires_grad:
@@ -47,7 +49,8 @@ def _before_step(optimizer, args, kwargs) -> None:
             _WARNED.add((id(optimizer), missing))
             warnings.warn(
                 f"The optimizer does not hold {len(missing)} trainable SpaRTA parameters (e.g. {missing[0]}), so they "
-                "will not train: it was created before add_task (or before the adapter was made trainable). Create a "
-                "new optimizer after add_task; with the Trainer, create a new Trainer for each task.",
+                "will not train: it was created before add_task or remove_task (or before the adapter was made "
+                "trainable). Create a new optimizer after add_task and remove_task; with the Trainer, create a new "
+                "Trainer for each task.",
                 stacklevel=2,
             )

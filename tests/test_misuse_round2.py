@@ -3,7 +3,9 @@ problem and the fix, and leaves the model exactly as it was."""
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 
 import pytest
 import torch
@@ -11,12 +13,21 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_sparta import SpaRTAConfig, SpaRTALoadError
+from peft_sparta.continual import (
+    RoutingRecorder,
+    calibrate_abstain_spread,
+    calibrate_abstain_threshold,
+)
+from peft_sparta.continual.calibration import router_scores
+from peft_sparta.hub import model_card_section
 from peft_sparta.layer import sparta_layers
 from tests.conftest import tiny_llama
 
 
 def config(**kwargs) -> SpaRTAConfig:
-    return SpaRTAConfig(r_shared=2, r_task=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **kwargs)
+    return SpaRTAConfig(
+        **{"r_shared": 2, "r_task": 4, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM", **kwargs}
+    )
 
 
 def logits(model, ids) -> torch.Tensor:
@@ -29,14 +40,14 @@ def prompts(low: int, rows: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(low, low + 27, (rows, 8), generator=torch.Generator().manual_seed(seed))
 
 
-def trained(model, *tasks: str):
+def trained(model, *tasks: str, rows: int = 8):
     """Train the router state of ``model`` on one batch of prompts per task (the first task is the model's own)."""
     for index, name in enumerate(tasks):
         if index:
             model.add_task(name)
         model.train()
         with torch.no_grad():
-            model(input_ids=prompts(3 + 30 * index, seed=index))
+            model(input_ids=prompts(3 + 30 * index, rows, seed=index))
     return model.eval()
 
 
@@ -187,3 +198,179 @@ def test_run_time_settings_changed_after_construction_save_and_load(tmp_path):
     expected = logits(model, prompts(3))
     model.save_pretrained(tmp_path)
     assert torch.equal(logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), prompts(3)), expected)
+
+
+# ---- item 20: validation gaps --------------------------------------------------------------------------------------
+
+
+def test_calibrating_a_threshold_with_a_nan_margin_is_refused():
+    model = trained(get_peft_model(tiny_llama(), config()), "task_0", "b")
+    with pytest.raises(ValueError, match="margin"):
+        calibrate_abstain_threshold(model, [{"input_ids": prompts(3)}], [{"input_ids": prompts(63)}], margin=math.nan)
+
+
+def test_calibrating_the_spread_of_an_untrained_router_is_refused():
+    model = get_peft_model(tiny_llama(), config())
+    model.add_task("b")
+    model.eval()
+    with pytest.raises(ValueError, match="train"):
+        calibrate_abstain_spread(model, [{"input_ids": prompts(3)}], [{"input_ids": prompts(63)}])
+
+
+@pytest.mark.parametrize("scale", [math.inf, math.nan, 0.0, -1.0])
+def test_an_infinite_penalty_scale_is_refused(scale):
+    model = get_peft_model(tiny_llama(), config())
+    with pytest.raises(ValueError, match="penalty_scale"):
+        model.base_model.penalty_scale = scale
+    assert model.base_model.penalty_scale == 1.0
+
+
+def test_a_recorder_kept_open_across_remove_task_refuses_to_mix_columns():
+    model = trained(get_peft_model(tiny_llama(), config()), "task_0", "b", "c")
+    with RoutingRecorder(model) as recorder:
+        logits(model, prompts(63, 2))
+        model.remove_task("b")
+        logits(model, prompts(63, 2))
+        with pytest.raises(ValueError, match="remove_task"):
+            recorder.take()
+    model.add_task("d")
+    with RoutingRecorder(model) as recorder:
+        logits(model, prompts(3, 2))
+        model.add_task("e")
+        logits(model, prompts(3, 2))
+    assert recorder.take().shape == (4, 4)
+
+
+# ---- item 13: the model card quotes task names ---------------------------------------------------------------------
+
+
+def test_the_model_card_quotes_task_names_it_cannot_trust():
+    hostile = 'x")\nimport os; os.system("echo owned")  #'
+    model = get_peft_model(tiny_llama(), config(task_names=["a*b_`c`", hostile]))
+    card = model_card_section(model, "default")
+    assert "\nimport os" not in card
+    snippet = card.split("```python\n")[1].split("```")[0]
+    imports = [node for node in ast.walk(ast.parse(snippet)) if isinstance(node, ast.Import)]
+    assert "os" not in {alias.name for node in imports for alias in node.names}
+    comment = next(line for line in snippet.splitlines() if "or model.set_task(" in line)
+    assert ast.literal_eval(comment.split("or model.set_task(", 1)[1][:-1]) == hostile
+    assert "1. `` a*b_`c` ``\n" in card
+
+
+# ---- items 6 and 7: remove_task leaves trainability and optimizers as if the task had never been added -------------
+
+
+@pytest.mark.parametrize("router", ["prototype", "learned"])
+def test_remove_task_restores_trainability_as_if_the_task_had_never_been_added(router):
+    fresh = get_peft_model(tiny_llama(), config(router=router))
+    model = get_peft_model(tiny_llama(), config(router=router))
+    model.add_task("b")
+    model.remove_task("b")
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable == {name for name, param in fresh.named_parameters() if param.requires_grad}
+
+
+def test_an_optimizer_built_before_remove_task_warns():
+    model = get_peft_model(tiny_llama(), config())
+    model.add_task("b")
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.remove_task("b")
+    ids = prompts(3, 2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.warns(UserWarning, match="remove_task"):
+        optimizer.step()
+
+
+# ---- item 8: the calibration helpers ------------------------------------------------------------------------------
+
+
+def test_calibration_helpers_leave_the_model_in_training_mode():
+    model = trained(get_peft_model(tiny_llama(), config()), "task_0", "b")
+    model.train()
+    model.base_model.model.lm_head.eval()
+    calibrate_abstain_threshold(model, [{"input_ids": prompts(3)}], [{"input_ids": prompts(63)}])
+    router_scores(model, [{"input_ids": prompts(3)}])
+    assert model.training and model.base_model.model.model.training
+    assert not model.base_model.model.lm_head.training
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [[], [{"input_ids": torch.zeros(0, 8, dtype=torch.long)}], [{"input_ids": torch.zeros(2, 0, dtype=torch.long)}]],
+    ids=["no-batch", "no-rows", "no-tokens"],
+)
+def test_calibration_with_no_input_is_refused_clearly(batches):
+    model = trained(get_peft_model(tiny_llama(), config()), "task_0", "b")
+    with pytest.raises(ValueError, match="no input"):
+        calibrate_abstain_threshold(model, batches, [{"input_ids": prompts(63)}])
+    with pytest.raises(ValueError, match="no input"):
+        router_scores(model, batches)
+
+
+def test_calibrating_the_spread_of_an_adapter_not_named_default():
+    model = trained(get_peft_model(tiny_llama(), config(), adapter_name="mine"), "task_0", "b", rows=48)
+    spread = calibrate_abstain_spread(model, [{"input_ids": prompts(3, seed=5)}], [{"input_ids": prompts(63)}])
+    assert spread is None or spread > 0
+
+
+# ---- item 11: low_cpu_mem_usage loads the paper design -----------------------------------------------------------
+
+
+def test_low_cpu_mem_usage_loads_a_paper_design_adapter_with_several_tasks(tmp_path):
+    design = SpaRTAConfig.paper_design(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_weights=False)
+    model = get_peft_model(tiny_llama(), design)
+    model.add_task("b")
+    model.add_task("c")
+    expected = logits(model, prompts(3))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True)
+    assert loaded.task_names == ["task_0", "b", "c"]
+    assert torch.equal(logits(loaded, prompts(3)), expected)
+
+
+# ---- item 9: a SEQ_CLS head (modules_to_save) follows the shared branch ------------------------------------------
+
+
+def tiny_llama_classifier():
+    from transformers import LlamaForSequenceClassification
+
+    base = tiny_llama()
+    base.config.num_labels, base.config.pad_token_id = 3, 0
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(base.config).eval()
+
+
+def train_classifier(model, ids, label: int, steps: int = 3) -> None:
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    labels = torch.full((ids.shape[0],), label)
+    for _ in range(steps):
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def test_a_classifier_head_freezes_with_the_shared_branch_so_old_tasks_keep_their_logits():
+    model = get_peft_model(tiny_llama_classifier(), config(task_type="SEQ_CLS"))
+    head = [name for name, param in model.named_parameters() if "modules_to_save" in name and param.requires_grad]
+    assert head, "PEFT trains the SEQ_CLS head of the first task"
+    train_classifier(model, prompts(3, 4), label=0)
+    model.add_task("b")
+    assert not any(param.requires_grad for name, param in model.named_parameters() if name in head)
+    model.set_task("task_0")
+    expected = logits(model, prompts(3, 4))
+    model.set_task(None)
+    model.set_adapter("default")  # PEFT makes the head trainable again here; the next training forward refreezes it
+    train_classifier(model, prompts(33, 4), label=2)
+    model.set_task("task_0")
+    assert torch.equal(logits(model, prompts(3, 4)), expected)
+    model.remove_task("b")
+    assert all(param.requires_grad for name, param in model.named_parameters() if name in head)
+
+
+def test_a_classifier_head_trains_on_every_task_with_shared_update_train():
+    model = get_peft_model(tiny_llama_classifier(), config(task_type="SEQ_CLS", shared_update="train"))
+    model.add_task("b")
+    assert any(param.requires_grad for name, param in model.named_parameters() if "modules_to_save" in name)

@@ -128,10 +128,15 @@ class ComponentRouter(Router):
         return weight * sum(penalties) / 3
 
     def add_task(self) -> None:
-        """Append ``router_components`` rows per branch to K, A and W, orthogonal to the earlier rows and unit norm."""
+        """Append ``router_components`` rows per branch to K, A and W, orthogonal to the earlier rows and unit norm.
+        Rows of a router whose earlier rows are empty (meta tensors: a load with ``low_cpu_mem_usage=True``, which
+        fills every row from the checkpoint) are empty too."""
         count, dim = self.config.router_components, self.query_dim
         for blocks in (self.keys, self.attention, self.components):
             reference = blocks[0] if len(blocks) else None
+            if reference is not None and reference.is_meta:
+                blocks.append(nn.Parameter(torch.empty(2, count, dim, device="meta", dtype=reference.dtype)))
+                continue
             earlier = torch.cat([block.detach() for block in blocks], dim=1) if len(blocks) else None
             block = torch.stack(
                 [orthogonal_rows(None if earlier is None else earlier[branch], count, dim) for branch in (0, 1)]

@@ -54,7 +54,8 @@ class RoutingRecorder:
         self._handles: list = []
         self._sum: torch.Tensor | None = None
         self._count = 0
-        self._records: list[torch.Tensor] = []
+        self._tasks: tuple[str, ...] | None = None
+        self._records: list[tuple[torch.Tensor, tuple[str, ...] | None]] = []
 
     def start(self) -> None:
         """Register the hooks: from now on every forward of the model is recorded (while ``enabled``)."""
@@ -105,6 +106,8 @@ class RoutingRecorder:
             return  # a layer whose input is not laid out (batch, ..., features) like the others
         self._sum = per_input if self._sum is None else self._sum + per_input
         self._count += 1
+        if not layer.shares_task_branch(adapter_name):  # columns are tasks (two branch weights otherwise)
+            self._tasks = tuple(layer.sparta_settings[adapter_name].task_names)
 
     @staticmethod
     def _reduce(layer, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -119,14 +122,25 @@ class RoutingRecorder:
 
     def _close(self, *args) -> None:
         if self._sum is not None and self._count:
-            self._records.append((self._sum / self._count).cpu())
-        self._sum, self._count = None, 0
+            self._records.append(((self._sum / self._count).cpu(), self._tasks))
+        self._sum, self._count, self._tasks = None, 0, None
 
     def take(self) -> torch.Tensor:
-        """Gates or scores (inputs, tasks) of every input recorded since the last call, in forward order."""
+        """Gates or scores (inputs, tasks) of every input recorded since the last call, in forward order. Tasks
+        added while recording get a zero column in the records before them; a task removed while recording would
+        shift the columns of the later records, so `take` then raises (and keeps the records)."""
         self._close()
-        records, self._records = self._records, []
-        if not records:
+        if not self._records:
             return torch.zeros(0, 0)
-        width = max(record.shape[-1] for record in records)
-        return torch.cat([F.pad(record, (0, width - record.shape[-1])) for record in records])
+        known = [tasks for _, tasks in self._records if tasks is not None]
+        longest = max(known, key=len, default=())
+        changed = [tasks for tasks in known if tasks != longest[: len(tasks)]]
+        if changed:
+            raise ValueError(
+                f"The adapter's tasks changed while recording other than by add_task (records under {list(changed[0])} "
+                f"and under {list(longest)}): remove_task shifts the columns, so they would mix tasks. Call take() "
+                "before remove_task; these records are kept."
+            )
+        records, self._records = self._records, []
+        width = max(record.shape[-1] for record, _ in records)
+        return torch.cat([F.pad(record, (0, width - record.shape[-1])) for record, _ in records])
