@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import SpaRTAConfig
 from .initialization import init_branch, scaling
 from .kernels import gated_lowrank
+from .quantization import check_mergeable, warn_requantization
 from .regularizers import LayerRegularizers
 from .routers import Branches, Router, Routing, RoutingContext, TaskBranches, make_router
 
@@ -44,9 +45,12 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         "sparta_frozen_summary",
     )
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, fan_in_fan_out: bool = False, quantization_backend=None, **kwargs
+    ) -> None:
         self.base_layer = base_layer
         self.fan_in_fan_out = fan_in_fan_out
+        self.quantization_backend = quantization_backend  # PEFT's, for a quantized base (see `quantization`)
         self.r_shared: dict[str, int] = {}
         self.r_task: dict[str, int] = {}
         self.scaling_shared: dict[str, float] = {}
@@ -152,11 +156,11 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         return a, nn.Parameter(torch.empty(self.out_features, rank, **factory))
 
     def _init_branch(self, adapter_name: str, a: nn.Parameter, b: nn.Parameter, start: int) -> None:
-        weight = self.get_base_layer().weight
         tasks = self.sparta_A_task[adapter_name] if adapter_name in self.sparta_A_task else []
         taken = [*self._shared_down(adapter_name), *tasks]
         init = self.sparta_settings[adapter_name].init_weights
-        init_branch(a, b, init, weight.T if self.fan_in_fan_out else weight, start, taken)
+        weight = self.get_base_weight() if init == "spectral" else None  # dequantized, on a quantized base
+        init_branch(a, b, init, weight.T if self.fan_in_fan_out and weight is not None else weight, start, taken)
 
     def _shared_down(self, adapter_name: str) -> list[nn.Parameter]:
         return [self.sparta_A_shared[adapter_name]] if adapter_name in self.sparta_A_shared else []
@@ -342,25 +346,23 @@ class Linear(nn.Module, SpaRTALayer):
                 shared_b @ self.sparta_A_shared[adapter_name].to(compute_dtype)
             )
         delta = delta.T if self.fan_in_fan_out else delta
-        return delta.to(weight.dtype)
+        return delta if self.quantization_backend is not None else delta.to(weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        base_weight = self.get_base_layer().weight
         for adapter_name in adapter_names:
             if adapter_name not in self.sparta_A_task:
                 continue
             task = self._merge_task(adapter_name)
+            check_mergeable(self.quantization_backend, adapter_name)
             delta = self.get_delta_weight(adapter_name, task)
-            if safe_merge:
-                merged = base_weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems broken.")
-                base_weight.data = merged
-            else:
-                base_weight.data += delta
+            weight = self.get_base_weight()  # the weight's own data; a dequantized copy on a quantized base
+            weight = weight + delta if safe_merge else weight.add_(delta)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems broken.")
+            self.set_base_weight(weight)
             self.merged_task[adapter_name] = task
             self.merged_adapters.append(adapter_name)
 
@@ -368,11 +370,12 @@ class Linear(nn.Module, SpaRTALayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        base_weight = self.get_base_layer().weight
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
             if adapter_name in self.sparta_A_task:
-                base_weight.data -= self.get_delta_weight(adapter_name, self.merged_task.pop(adapter_name))
+                warn_requantization(self.quantization_backend, adapter_name, "Unmerging")
+                delta = self.get_delta_weight(adapter_name, self.merged_task.pop(adapter_name))
+                self.set_base_weight(self.get_base_weight().sub_(delta))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -13,7 +13,11 @@ from peft.tuners.tuners_utils import (
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
 )
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    ModulesToSaveWrapper,
+    get_quantization_kwargs,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -28,6 +32,7 @@ from .config import SpaRTAConfig
 from .export import export_lora
 from .layer import Linear, SpaRTALayer, iter_sparta_layers, sparta_layers
 from .optimizer_guard import guard_optimizers_of
+from .quantization import quantization_backend
 from .restoration import RestorePoint, count_optimizer_steps_of, restore, take_restore_point
 from .routers import Router, RoutingContext
 from .routers.context import CACHED_EMBEDDING_SUMS, CACHED_QUERY, CACHED_SUMS, kv_cache
@@ -168,7 +173,13 @@ class SpaRTAModel(BaseTuner):
             self._keep_sequence_owner(target, adapter_name, granularity)
             return
         new_module = self._create_new_module(
-            config, adapter_name, target, granularity=granularity, query_dim=query_dim, router_owner=owner
+            config,
+            adapter_name,
+            target,
+            granularity=granularity,
+            query_dim=query_dim,
+            router_owner=owner,
+            **get_quantization_kwargs(self.model),
         )
         self._keep_sequence_owner(new_module, adapter_name, granularity)
         new_module.routing_context = self.routing_context
@@ -184,14 +195,9 @@ class SpaRTAModel(BaseTuner):
             self._sequence_owners[adapter_name] = layer.sparta_router[adapter_name]
 
     @staticmethod
-    def _create_new_module(config, adapter_name, target, **kwargs):
+    def _create_new_module(config, adapter_name, target, get_apply_tensor_subclass=None, **kwargs):
         base_layer = target.get_base_layer() if isinstance(target, SpaRTALayer) else target
-        if _is_quantized(base_layer):
-            raise ValueError(
-                f"Target module {target} is a quantized layer ({type(base_layer).__module__}."
-                f"{type(base_layer).__name__}); SpaRTA does not support quantized base layers (bitsandbytes 8/4-bit, "
-                "GPTQ, AWQ, torchao) yet. Load the base model unquantized, or exclude this module."
-            )
+        kwargs["quantization_backend"] = quantization_backend(base_layer, get_apply_tensor_subclass)
         if isinstance(base_layer, nn.Linear):
             return Linear(target, adapter_name, config, fan_in_fan_out=False, **kwargs)
         if isinstance(base_layer, Conv1D):
@@ -539,15 +545,3 @@ def _is_branch(parameter_name: str, adapter_name: str) -> bool:
     """Whether a model parameter is one of the adapter's branch matrices (not its router state)."""
     parts = parameter_name.split(".")
     return any(part in BRANCH_CONTAINERS and parts[i + 1] == adapter_name for i, part in enumerate(parts[:-1]))
-
-
-def _is_quantized(layer: nn.Module) -> bool:
-    """Whether a layer holds quantized weights: integer weights, or a layer class or weight tensor class from a
-    quantization library's package (torchao keeps `nn.Linear` and swaps its weight for a tensor subclass whose dtype
-    stays floating point)."""
-    weight = getattr(layer, "weight", None)
-    if weight is not None and not weight.dtype.is_floating_point:
-        return True
-    quantized_libraries = ("bitsandbytes", "torchao", "auto_gptq", "gptqmodel", "awq", "optimum")
-    classes = [type(layer)] if weight is None else [type(layer), type(weight)]
-    return any(cls.__module__.split(".")[0] in quantized_libraries for cls in classes)
