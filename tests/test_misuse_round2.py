@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
 
 from peft_sparta import SpaRTAConfig, SpaRTALoadError
 from peft_sparta.continual import (
@@ -374,3 +375,50 @@ def test_a_classifier_head_trains_on_every_task_with_shared_update_train():
     model = get_peft_model(tiny_llama_classifier(), config(task_type="SEQ_CLS", shared_update="train"))
     model.add_task("b")
     assert any(param.requires_grad for name, param in model.named_parameters() if "modules_to_save" in name)
+
+
+# ---- item 10: routing sees the prompt only, in training as in generation ------------------------------------------
+
+
+def paper_design_model():
+    design = SpaRTAConfig.paper_design(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_weights=False)
+    model = get_peft_model(tiny_llama(), design)
+    model.add_task("b")
+    return model
+
+
+def answer_labels(ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    labels = ids.clone()
+    labels[:, :prompt_length] = -100
+    return labels
+
+
+@pytest.mark.parametrize("design", ["paper", "default"])
+@pytest.mark.parametrize("training", [True, False])
+def test_logits_do_not_move_when_the_answer_tokens_change(design, training):
+    model = paper_design_model() if design == "paper" else trained(get_peft_model(tiny_llama(), config()), "a", "b")
+    model.train(training)
+    ids = prompts(3, 2)
+    other = ids.clone()
+    other[:, 5:] = prompts(60, 2)[:, 5:]
+    with torch.no_grad():
+        first = model(input_ids=ids, labels=answer_labels(ids, 5)).logits
+        second = model(input_ids=other, labels=answer_labels(other, 5)).logits
+    assert torch.equal(first[:, :5], second[:, :5])
+
+
+def test_the_paper_design_generates_as_it_trains():
+    model = paper_design_model()
+    ids = prompts(3, 2)
+    model.train()
+    with torch.no_grad():
+        trained_logits = model(input_ids=ids, labels=answer_labels(ids, 5)).logits
+    model.eval()
+    cache = DynamicCache()
+    with torch.no_grad():
+        steps = [model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True).logits]
+        for position in range(5, ids.shape[1]):
+            steps.append(
+                model(input_ids=ids[:, position : position + 1], past_key_values=cache, use_cache=True).logits
+            )
+    torch.testing.assert_close(torch.cat(steps, dim=1), trained_logits, rtol=1e-5, atol=1e-5)

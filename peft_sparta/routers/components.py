@@ -6,11 +6,13 @@ For one branch with components K, A, W (rows x d, the rows of every task so far)
 
     a_t = normalize(A x_t)                                   (one coefficient per row)
     logit_t = sum_k a_t[k] * rowsum(normalize(K))[k] * rowsum(W)[k] / sqrt(d)
-    s = sigmoid(sum over the sequence's tokens of logit_t)   (per sequence; per token: sigmoid(logit_t))
+    s = sigmoid(sum over the prompt's tokens of logit_t)     (per sequence; per token: sigmoid(logit_t))
 
 This is the code's ``einsum('blk, kd -> blk', a_q, K)`` (which sums K's normalised rows rather than taking the cosine
 of x * A_k with K_k as CODA-Prompt's formula does) followed by the sum over tokens and features of ``sim @ W``; the
-rowsum reading is the code's, kept here. Padding positions (attention mask 0) are left out of the sum.
+rowsum reading is the code's, kept here. Padding positions (attention mask 0) are left out of the sum, and so are the
+answer's (token labels other than -100): where the DATA code sums over every token in training, the answer would
+weigh every position, the first ones included, in training but not in generation, where it does not exist yet.
 
 Each task adds ``router_components`` rows to K, A and W of both branches, drawn at random and orthogonalised against
 the earlier rows (Gram-Schmidt); the earlier rows are frozen parameters, so they stay as they were. The router's loss
@@ -54,9 +56,9 @@ class ComponentRouter(Router):
 
     ``router_granularity``: "sequence" and "auto" give one weight per sequence (the code's default: the sum over the
     sequence's tokens), "token" one weight per token (the code's ``project`` variant). The model routes this router
-    per layer ("token" for the model: it needs no sequence query). In KV-cached generation the per-sequence sum of a
-    decode step adds the new tokens to the sum of the tokens before them (kept with the cache), so every step is
-    weighted as the whole sequence so far, as in training.
+    per layer ("token" for the model: it needs no sequence query). The per-sequence sum covers the prompt only (see
+    the module): in KV-cached generation it is kept with the cache, a forward of several tokens (a chunked prompt)
+    adds them, and a decode step adds nothing, so that every answer token is weighted by its prompt, as in training.
     """
 
     uses_projection = False
@@ -87,16 +89,22 @@ class ComponentRouter(Router):
         return torch.sigmoid(logits)
 
     def _sequence_logits(self, logits: torch.Tensor, context: Optional[RoutingContext], record: bool) -> torch.Tensor:
+        """The sum of the per-token logits over the sequence's prompt: its prompt positions in this forward (label
+        -100 when token labels are given, else every position the attention mask keeps) and the cached ones before
+        them. A decode step (one new token after cached ones) adds nothing: it is part of the answer, which routing
+        never reads, so that an answer token is weighted in generation as in training, and no output depends on
+        tokens after it."""
         batch, positions = logits.shape[0], logits.shape[1:-1]
         flat = logits.reshape(batch, -1, logits.shape[-1])
-        mask = context.valid_mask if context is not None else None
+        mask = None if context is None else context.token_mask
+        mask = context.valid_mask if mask is None and context is not None else mask
         if mask is not None and tuple(mask.shape) == tuple(flat.shape[:2]):
             flat = flat * mask.to(device=flat.device, dtype=flat.dtype).unsqueeze(-1)
         total = flat.sum(dim=1)
         if context is not None:
             earlier = context.cached_sums.get(self)
             if earlier is not None and tuple(earlier.shape) == tuple(total.shape):
-                total = total + earlier.to(total.device)
+                total = earlier.to(total.device) if flat.shape[1] == 1 else total + earlier.to(total.device)
             if record:
                 context.sequence_sums[self] = total.detach()
         return total.view(batch, *([1] * len(positions)), total.shape[-1])
