@@ -3,12 +3,11 @@ that turn a mismatch between config and weights into a `SpaRTALoadError` naming 
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .config import COSINE_QUERY_SCATTER_FORMAT_VERSION, SpaRTAConfig
 from .errors import SpaRTALoadError
+from .variants import task_branch_variant
 
 
 #: Checkpoint keys of the router state in format version 1, and their names since the routers own their state.
@@ -51,16 +50,14 @@ def add_missing_query_spread(checkpoint: dict, expected: dict, config: SpaRTACon
 
 def check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:
     """The checkpoint (keys without adapter name) holds one branch per task that the config names, or with
-    ``task_branches="shared"`` one block of router components per task."""
-    shared = getattr(config, "task_branches", "per_task") == "shared"
-    task_key = re.compile(r"\.sparta_router\.keys\.(\d+)$" if shared else r"\.sparta_A_task\.(\d+)$")
-    saved_tasks = {int(m.group(1)) for key in checkpoint if (m := task_key.search(key))}
+    ``task_branches="shared"`` one block of router components per task (see `TaskBranchVariant`)."""
+    variant = task_branch_variant(config)
+    saved_tasks = {int(m.group(1)) for key in checkpoint if (m := variant.checkpoint_task_key.search(key))}
     if saved_tasks and len(saved_tasks) != len(config.task_names):
-        held = "blocks of router components" if shared else "task branches"
         raise SpaRTALoadError(
             f"The adapter config names {len(config.task_names)} tasks ({', '.join(config.task_names)}) but its "
-            f"weights hold {len(saved_tasks)} {held}: adapter_config.json and the weights file come from "
-            "different saves. Save the adapter again, or restore the matching files."
+            f"weights hold {len(saved_tasks)} {variant.checkpoint_task_tensors}: adapter_config.json and the "
+            "weights file come from different saves. Save the adapter again, or restore the matching files."
         )
 
 

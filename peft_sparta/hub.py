@@ -27,6 +27,7 @@ from .errors import SpaRTALoadError
 from .layer import SpaRTALayer
 from .model import SpaRTAModel, find_sparta_tuners
 from .registration import PEFT_TYPE_SPARTA
+from .variants import task_branch_variant
 
 
 LEFT_AS_IT_WAS = "The model was left as it was."
@@ -47,17 +48,7 @@ def model_card_section(model: PeftModel, adapter_name: str) -> str:
     config = model.peft_config[adapter_name]
     tasks = "\n".join(f"{index}. {_code_span(name)}" for index, name in enumerate(config.task_names, start=1))
     base = config.base_model_name_or_path or "<base model>"
-    if getattr(config, "task_branches", "per_task") == "shared":
-        design = (
-            f"a low-rank branch (rank {config.r_shared}) and a high-rank branch (rank {config.r_task}) trained on "
-            'every task (the paper design, `task_branches="shared"`), with a component router that weighs the '
-            "two branches per input"
-        )
-    else:
-        design = (
-            f"a shared low-rank branch (rank {config.r_shared}) and one branch of rank {config.r_task} per task, with "
-            f"a `{config.router}` router that picks the task branch from the input"
-        )
+    design = task_branch_variant(config).model_card_design(config)
     snippet = f"""import peft_sparta  # pip install peft-sparta-cl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM

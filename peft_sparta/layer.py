@@ -9,7 +9,6 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from .config import SpaRTAConfig
@@ -18,6 +17,7 @@ from .kernels import gated_lowrank
 from .quantization import check_mergeable, warn_requantization
 from .regularizers import LayerRegularizers
 from .routers import Branches, Router, Routing, RoutingContext, TaskBranches, make_router
+from .variants import TaskBranchVariant, task_branch_variant
 
 
 class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
@@ -28,9 +28,10 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
     trainable; and a `Router` that weighs the task branches per input. With a single task and no abstain threshold
     the router is the constant 1, so the adapter is a LoRA of rank r_shared + r_task.
 
-    With ``task_branches="shared"`` (the paper design) there is one task branch whatever the number of tasks, trained
-    on every task like the shared branch, and the component router weighs both branches per input; adding a task
-    grows the router only.
+    Which task branches exist and which one a task uses is the adapter's `TaskBranchVariant`, chosen from
+    ``task_branches``: with ``"shared"`` (the paper design) there is one task branch whatever the number of tasks,
+    trained on every task like the shared branch, and the component router weighs both branches per input; adding a
+    task grows the router only (see `peft_sparta.variants`).
     """
 
     adapter_layer_names = ("sparta_A_shared", "sparta_B_shared", "sparta_A_task", "sparta_B_task", "sparta_router")
@@ -40,6 +41,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         "scaling_shared",
         "scaling_task",
         "sparta_settings",
+        "sparta_variant",
         "forced_task",
         "merged_task",
         "sparta_frozen_summary",
@@ -61,6 +63,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         self.sparta_B_task = nn.ModuleDict({})
         self.sparta_router = nn.ModuleDict({})
         self.sparta_settings: dict[str, SpaRTAConfig] = {}
+        self.sparta_variant: dict[str, TaskBranchVariant] = {}
         self.forced_task: dict[str, Optional[int]] = {}
         self.merged_task: dict[str, int] = {}
         self.sparta_frozen_summary: dict[str, tuple] = {}  # see LayerRegularizers._frozen_summary
@@ -94,6 +97,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         if granularity == "sequence" and query_dim is None:
             raise ValueError("Sequence routing needs the dimension of the model's input embeddings.")
         self.sparta_settings[adapter_name] = config
+        self.sparta_variant[adapter_name] = task_branch_variant(config)
         self.r_shared[adapter_name] = config.r_shared
         self.r_task[adapter_name] = config.r_task
         self.scaling_shared[adapter_name] = scaling(config.alpha_shared, config.r_shared, config.use_rslora)
@@ -114,16 +118,10 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         self.set_adapter(self.active_adapters)
 
     def add_task(self, adapter_name: str) -> None:
-        """Freeze the current task branch (and its router state) and append a new task branch, trainable if the
-        adapter is active (an inactive adapter stays wholly frozen); with ``task_branches="shared"``, create the
-        single task branch once and grow the router only."""
-        config = self.sparta_settings[adapter_name]
-        a_tasks, b_tasks = self.sparta_A_task[adapter_name], self.sparta_B_task[adapter_name]
-        if not (self.shares_task_branch(adapter_name) and len(a_tasks)):
-            a, b = self._new_branch(config.r_task, a_tasks[0].dtype if len(a_tasks) else torch.float32)
-            self._init_branch(adapter_name, a, b, start=config.r_shared + len(a_tasks) * config.r_task)
-            a_tasks.append(a)
-            b_tasks.append(b)
+        """Freeze the current task branch (and its router state) and start a new task: a new task branch (with
+        ``task_branches="shared"``, the single task branch only with the first task) and its router state, trainable
+        if the adapter is active (an inactive adapter stays wholly frozen)."""
+        self.sparta_variant[adapter_name].add_task(self, adapter_name)
         self.sparta_router[adapter_name].add_task()
         if adapter_name not in self.active_adapters:
             for param in self.adapter_parameters(adapter_name):
@@ -137,10 +135,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         With ``task_branches="shared"`` only the task's router rows go: the branches keep what every task taught
         them."""
         trainable = self.sparta_A_task[adapter_name][-1].requires_grad
-        if not self.shares_task_branch(adapter_name):
-            for container in (self.sparta_A_task, self.sparta_B_task):
-                kept = [param for task, param in enumerate(container[adapter_name]) if task != index]
-                container[adapter_name] = nn.ParameterList(kept)
+        self.sparta_variant[adapter_name].remove_task(self, adapter_name, index)
         self.sparta_router[adapter_name].remove_task(index)
         forced = self.forced_task[adapter_name]
         if forced is not None:
@@ -149,6 +144,21 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
             for param in self.adapter_parameters(adapter_name):
                 param.requires_grad_(True)
         self._freeze_finished(adapter_name)
+
+    def _append_task_branch(self, adapter_name: str) -> None:
+        """Append a new task branch in the dtype of the existing ones (initialised on the next ranks with
+        ``init_weights="spectral"``)."""
+        config = self.sparta_settings[adapter_name]
+        a_tasks, b_tasks = self.sparta_A_task[adapter_name], self.sparta_B_task[adapter_name]
+        a, b = self._new_branch(config.r_task, a_tasks[0].dtype if len(a_tasks) else torch.float32)
+        self._init_branch(adapter_name, a, b, start=config.r_shared + len(a_tasks) * config.r_task)
+        a_tasks.append(a)
+        b_tasks.append(b)
+
+    def _drop_task_branch(self, adapter_name: str, index: int) -> None:
+        for container in (self.sparta_A_task, self.sparta_B_task):
+            kept = [param for task, param in enumerate(container[adapter_name]) if task != index]
+            container[adapter_name] = nn.ParameterList(kept)
 
     def _new_branch(self, rank: int, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
         factory = {"device": self.get_base_layer().weight.device, "dtype": dtype}
@@ -180,14 +190,6 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
     def num_tasks(self, adapter_name: str) -> int:
         """The number of task branches (1 with ``task_branches="shared"``, whatever the number of tasks)."""
         return len(self.sparta_A_task[adapter_name])
-
-    def shares_task_branch(self, adapter_name: str) -> bool:
-        """Whether the adapter has one task branch for every task (``task_branches="shared"``, the paper design)."""
-        return self.sparta_settings[adapter_name].task_branches == "shared"
-
-    def _branch_of(self, adapter_name: str, task: int) -> int:
-        """The task branch that holds task ``task``."""
-        return 0 if self.shares_task_branch(adapter_name) else task
 
     def shared_is_trainable(self, adapter_name: str) -> bool:
         config = self.sparta_settings[adapter_name]
@@ -232,7 +234,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         router's loss: the forced task (``set_task``) alone, else what the router decides (see `Router.route`)."""
         forced = self.forced_task[adapter_name]
         if forced is not None:
-            return Routing([self._branch_of(adapter_name, forced)])
+            return Routing([self.sparta_variant[adapter_name].branch_of(forced)])
         return self.router(adapter_name).route(x, self.routing_context, self.branches(adapter_name), self.training)
 
     def router_gates(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -241,11 +243,8 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         or a single task, all zero for an input the router abstains on. With ``task_branches="shared"``: the weights
         (..., 2) of the shared and the task branch (both 1 under `set_task`)."""
         forced = self.forced_task[adapter_name]
-        if forced is not None and self.shares_task_branch(adapter_name):
-            return torch.ones(*x.shape[:-1], 2, device=x.device)
         if forced is not None:
-            index = torch.tensor(forced, device=x.device)
-            return F.one_hot(index, self.num_tasks(adapter_name)).float().expand(*x.shape[:-1], -1)
+            return self.sparta_variant[adapter_name].forced_gates(self, adapter_name, forced, x)
         return self.router(adapter_name).decide(x, self.routing_context, self.branches(adapter_name))
 
     def router_scores(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -291,24 +290,12 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
         )
 
     def _merge_task(self, adapter_name: str) -> int:
-        """The task whose branch a merge folds into the weight: the forced one, or the only one."""
+        """The task whose branch a merge folds into the weight: the forced one, or the one the variant allows (the
+        only one of a per-task adapter), else a ValueError saying how to merge."""
         forced = self.forced_task[adapter_name]
         if forced is not None:
             return forced
-        names = self.sparta_settings[adapter_name].task_names
-        if self.shares_task_branch(adapter_name):
-            raise ValueError(
-                f"Cannot merge SpaRTA adapter '{adapter_name}': with task_branches='shared' the component router "
-                "weighs the two branches per input, which a single merged weight cannot do. Call "
-                f"model.set_task('{names[-1]}') first (any task): it fixes both weights at 1, the LoRA that merges."
-            )
-        if self.num_tasks(adapter_name) == 1:
-            return 0
-        raise ValueError(
-            f"Cannot merge SpaRTA adapter '{adapter_name}': it has {len(names)} tasks ({', '.join(names)}) and the "
-            "router chooses among them per input, which a single merged weight cannot do. Call "
-            "model.set_task(<task name>) first to merge that task's branch with the shared branch."
-        )
+        return self.sparta_variant[adapter_name].unforced_merge_task(self, adapter_name)
 
 
 class Linear(nn.Module, SpaRTALayer):
@@ -333,7 +320,7 @@ class Linear(nn.Module, SpaRTALayer):
     def get_delta_weight(self, adapter_name: str, task: Optional[int] = None) -> torch.Tensor:
         """Weight update of the adapter with task branch ``task`` routed alone, in the base weight's layout."""
         task = self._merge_task(adapter_name) if task is None else task
-        branch = self._branch_of(adapter_name, task)
+        branch = self.sparta_variant[adapter_name].branch_of(task)
         weight = self.get_base_layer().weight
         a = self.sparta_A_task[adapter_name][branch]
         compute_dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype

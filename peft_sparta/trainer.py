@@ -40,8 +40,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .model import find_sparta_tuner
-from .routers.components import BRANCHES
 from .routers.recorder import RoutingRecorder
+from .variants import task_branch_variant
 
 
 __all__ = ["SpaRTACallback"]
@@ -150,11 +150,6 @@ class SpaRTACallback(TrainerCallback):
     def _task_names(self) -> list[str]:
         return list(self._tuner.task_names) if self._tuner is not None else []
 
-    def _shares_task_branch(self) -> bool:
-        """Whether the active adapter is the paper design, whose router weighs two branches instead of tasks."""
-        config = self._tuner.peft_config.get(self._tuner.active_adapters[0])
-        return getattr(config, "task_branches", "per_task") == "shared"
-
     def _gate_logs(self, recorder: RoutingRecorder | None, prefix: str, with_current: bool) -> dict[str, float]:
         if recorder is None:
             return {}
@@ -162,13 +157,8 @@ class SpaRTACallback(TrainerCallback):
         names = self._task_names()
         if gates.numel() == 0 or not names:
             return {}
-        if self._shares_task_branch():
-            return {f"{prefix}weight/{name}": float(value) for name, value in zip(BRANCHES, gates.mean(dim=0))}
-        gates = gates[:, : len(names)]
-        logs = {f"{prefix}gate/{name}": float(value) for name, value in zip(names, gates.mean(dim=0))}
-        if with_current:
-            logs[f"{prefix}routed_to_current"] = float((gates.argmax(dim=-1) == len(names) - 1).float().mean())
-        return logs
+        config = self._tuner.peft_config.get(self._tuner.active_adapters[0])
+        return task_branch_variant(config).gate_logs(gates, names, prefix, with_current)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         self._ensure(model)

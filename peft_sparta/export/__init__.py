@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import SpaRTAConfig
 from ..layer import SpaRTALayer
+from ..variants import task_branch_variant
 
 
 #: Folder of the shared branch alone (what SpaRTA applies to inputs its router abstains on). Task folders start with
@@ -98,13 +99,7 @@ def export_lora(
 
 def check_exportable_config(config: SpaRTAConfig) -> None:
     """Refuse what no plain LoRA that vLLM accepts reproduces: the paper design, trained biases, modules_to_save."""
-    if config.task_branches == "shared":
-        raise ValueError(
-            "Cannot export an adapter with task_branches='shared' (the paper design) as LoRA: its component router "
-            "weighs the low-rank and the high-rank branch per input, a per-input mix that no single LoRA reproduces. "
-            "Serve it with peft_sparta, or fix both weights with model.set_task(<any task>) and merge it "
-            "(merge_and_unload)."
-        )
+    task_branch_variant(config).check_lora_export(config)
     if config.bias != "none":
         raise ValueError(
             f"Cannot export an adapter with bias={config.bias!r} as LoRA: it trained the base model's biases, which "

@@ -106,7 +106,7 @@ class RoutingRecorder:
             return  # a layer whose input is not laid out (batch, ..., features) like the others
         self._sum = per_input if self._sum is None else self._sum + per_input
         self._count += 1
-        if not layer.shares_task_branch(adapter_name):  # columns are tasks (two branch weights otherwise)
+        if layer.sparta_variant[adapter_name].gates_per_task:
             self._tasks = tuple(layer.sparta_settings[adapter_name].task_names)
 
     @staticmethod
