@@ -136,7 +136,8 @@ def test_tasks_train_route_and_reload_on_a_quantized_base(saved_llama, tmp_path,
 @pytest.mark.parametrize("kind", ["4bit", "8bit", "torchao"])
 def test_merge_into_a_quantized_base_is_within_its_rounding(saved_llama, kind):
     """Merging dequantizes, adds and requantizes, as PEFT's LoRA does, with its rounding warning: the merged model is
-    off the unmerged one by no more than quantizing moves the base, and the layer stays quantized. The unmerged
+    off the unmerged one by no more than quantizing moves the base, unmerging (requantizing again) by no more than
+    twice that, and merge_and_unload leaves the layer quantized. The unmerged
     logits are computed first, so that on a 4-bit base the merge reads a weight that bitsandbytes' CPU inference has
     repacked."""
     torch.manual_seed(0)
@@ -150,11 +151,17 @@ def test_merge_into_a_quantized_base_is_within_its_rounding(saved_llama, kind):
         "the adapter's effect must stand out of the rounding"
     )
     quantized_class = type(sparta_layers(model)[0].get_base_layer().weight)
+    with pytest.warns(UserWarning, match="Merging .* rounding errors"):
+        model.merge_adapter()
+    merge_error = (logits(model, TASK_A) - unmerged).abs().max()
+    assert merge_error < 1.5 * quantization_error, (merge_error, quantization_error)
+    with pytest.warns(UserWarning, match="Unmerging .* rounding errors"):
+        model.unmerge_adapter()
+    unmerge_error = (logits(model, TASK_A) - unmerged).abs().max()
+    assert unmerge_error < 2 * quantization_error, (unmerge_error, quantization_error)
     with pytest.warns(UserWarning, match="rounding errors"):
         merged_model = model.merge_and_unload()
     assert type(merged_model.model.layers[0].self_attn.q_proj.weight) is quantized_class
-    merge_error = (logits(merged_model, TASK_A) - unmerged).abs().max()
-    assert merge_error < 1.5 * quantization_error, (merge_error, quantization_error)
 
 
 def test_torchao_base_quantized_by_hand_trains_but_refuses_to_merge(saved_llama):
