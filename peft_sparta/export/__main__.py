@@ -68,9 +68,10 @@ def export_summary(written: dict[Optional[str], str], config: SpaRTAConfig, modu
     lines = [f"Wrote {len(written)} LoRA adapters of base model {base} ({module_count} modules each):"]
     for name, path in written.items():
         size = os.path.getsize(os.path.join(path, WEIGHTS_NAME)) / 2**20
-        what = (
-            f"task {name!r}, rank {rank}" if name is not None else f"shared branch only, rank {config.r_shared or 1}"
-        )
+        if name is not None:
+            what = f"task {name!r}, rank {rank}"
+        else:
+            what = f"shared branch only, rank {config.r_shared}" if config.r_shared else "no shared branch: zeros"
         lines.append(f"  {path}  ({what}, {size:.2f} MiB)")
     lines.append(
         f"Serve them with max_lora_rank >= {rank} (vLLM) and route each request with "
