@@ -50,12 +50,13 @@ def export_lora(
 ) -> dict[Optional[str], str]:
     """Write each task of a SpaRTA adapter as a standard PEFT LoRA adapter, and the shared branch alone as another.
 
-    ``save_directory/<task>/`` (the task's name, made a safe folder name by `task_folder`) holds adapter_config.json and adapter_model.safetensors of a LoRA whose output equals
-    SpaRTA forced to that task (`set_task`); ``save_directory/_shared_only/`` the LoRA of the shared branch alone, what
-    SpaRTA applies to inputs its router abstains on (a rank-1 LoRA of zeros, i.e. the base model, when
-    ``r_shared=0``). Every module gets the one rank r_shared + r_task, ``lora_alpha`` equals the rank, no bias, no
-    ``modules_to_save``: what vLLM's loader accepts. ``tasks``: the task names to export (default: every task).
-    Returns {task name: folder}, with the shared-only folder under the key None.
+    ``save_directory/<task>/`` (the task's name made a safe folder name by `task_folder`) holds adapter_config.json
+    and adapter_model.safetensors of a LoRA whose output equals SpaRTA forced to that task (`set_task`);
+    ``save_directory/_shared_only/`` the LoRA of the shared branch alone, what SpaRTA applies to inputs its router
+    abstains on (a rank-1 LoRA of zeros, i.e. the base model, when ``r_shared=0``). Every module gets the one rank
+    r_shared + r_task, ``lora_alpha`` equals the rank, no bias, no ``modules_to_save``: what vLLM's loader accepts.
+    ``tasks``: the task names to export (default: every task). Returns {task name: folder}, with the shared-only
+    folder under the key None.
 
     Refused, with nothing written: the paper design (``task_branches="shared"``) and token routing (the output is a
     per-input mix that no single LoRA reproduces), trained biases or ``modules_to_save`` (vLLM takes neither), unknown
