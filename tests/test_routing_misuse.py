@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import warnings
 
 import pytest
 import torch
@@ -172,6 +173,71 @@ def test_a_version_5_adapter_built_under_cosine_loads_without_a_query_spread(tmp
     owner.query_scatter.zero_()
     owner.query_count.zero_()
     assert torch.equal(logits(loaded, mixed_prompts()), logits(model, mixed_prompts()))
+
+
+# ---- 3. non-finite queries in a training forward ----------------------------------------------------------------
+
+
+def router_state(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items() if ".sparta_router." in name}
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+@pytest.mark.parametrize(("bad_value", "grad"), [(float("nan"), False), (float("inf"), True)])
+def test_a_non_finite_row_in_a_training_forward_is_left_out_of_the_router_state(granularity, bad_value, grad):
+    """One row with NaN or inf embeddings: the router learns the other rows exactly as a batch without that row
+    (its state and its routing of clean inputs), warns, and its state stays finite."""
+    batch = torch.cat([prompts("b", 2, seed=40), prompts("b", 2, seed=41)])
+    poisoned, clean = two_task_model(router_granularity=granularity), two_task_model(router_granularity=granularity)
+    for model, rows in ((poisoned, batch), (clean, batch[[0, 2, 3]])):
+        embeds = model.get_input_embeddings()(rows).detach()
+        if model is poisoned:
+            embeds[1] = bad_value
+        model.train()
+        with torch.set_grad_enabled(grad), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(inputs_embeds=embeds)
+        model.eval()
+        skipped = [w for w in caught if "not finite" in str(w.message)]
+        assert (len(skipped) > 0) == (model is poisoned)
+    poisoned_state, clean_state = router_state(poisoned), router_state(clean)
+    assert all(torch.isfinite(tensor.float()).all() for tensor in poisoned_state.values())
+    for name, tensor in clean_state.items():
+        torch.testing.assert_close(poisoned_state[name], tensor)
+    torch.testing.assert_close(logits(poisoned, mixed_prompts()), logits(clean, mixed_prompts()))
+
+
+# ---- 4. a small task trained for several epochs ------------------------------------------------------------------
+
+
+def test_the_router_state_and_floor_do_not_depend_on_how_often_the_same_prompts_were_seen():
+    """12 prompts of task a seen 5 times (shuffled into other batches, padded otherwise) give the router the state of
+    one epoch, and fresh prompts of task a route to it under the default floor (they all abstained)."""
+    task_a = prompts("a", 12, length=16, seed=50)
+
+    def trained(epochs: int):
+        model = get_peft_model(tiny_llama(), config(init_weights=False, task_names=["b"]))
+        learn(model, [prompts("b", 16, seed=51)])
+        model.add_task("a")
+        model.train()
+        with torch.no_grad():
+            for epoch in range(epochs):
+                order = torch.randperm(12, generator=torch.Generator().manual_seed(epoch))
+                for rows in order.split(4):
+                    padding = torch.zeros(4, epoch, dtype=torch.long)
+                    ids = torch.cat([padding, task_a[rows]], dim=1)
+                    mask = torch.cat([torch.zeros_like(padding), torch.ones_like(task_a[rows])], dim=1)
+                    model(input_ids=ids, attention_mask=mask)
+        return model.eval()
+
+    once, five_times = trained(epochs=1), trained(epochs=5)
+    state_once, state_five = router_state(once), router_state(five_times)
+    assert all(torch.equal(state_five[name], tensor) for name, tensor in state_once.items())
+    with RoutingRecorder(five_times) as recorder, torch.no_grad():
+        five_times(input_ids=prompts("a", 16, length=16, seed=52))
+    gates = recorder.take()
+    assert torch.allclose(gates.sum(dim=-1), torch.ones(16)), "no fresh prompt of task a abstains"
+    assert (gates.argmax(dim=-1) == 1).float().mean() >= 0.9
 
 
 # ---- 5. a prompt after a cached prefix ---------------------------------------------------------------------------

@@ -3,6 +3,8 @@ of its training inputs' prompt part, frozen once the task is over."""
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -10,12 +12,19 @@ from torch import distributed as dist
 from torch.nn import functional as F
 
 from ..utils import same_tensor_states, tensor_states
-from .base import Branches, Router
+from .base import Branches, Router, random_projection
 from .context import RoutingContext
 
 
 #: How far below 1 a task's floor stays at most (see `PrototypeRouter.score_floors`).
 FLOOR_TOLERANCE = 1e-4
+
+#: Size of the fingerprints by which the prototype router recognises an input seen again (see `unseen_queries`).
+FINGERPRINT_DIM = 16
+
+#: Distance between two queries' fingerprints under which they count as one input seen twice: well above the rounding
+#: by which the same prompt's query differs in other batches or paddings, well below two prompts a token apart.
+REPEAT_TOLERANCE = 1e-5
 
 #: Score of a task that has no prototype yet: below any cosine similarity, so it never wins against a real task.
 EMPTY_TASK_SCORE = -2.0
@@ -36,7 +45,8 @@ class PrototypeRouter(Router):
     """Scores a query by its best cosine similarity to each task's prototypes.
 
     State (persistent buffers, saved with the adapter): ``prototypes`` (tasks, P, d) and ``counts`` (tasks, P), the
-    number of training queries each prototype averages (0: not seeded yet); under sequence routing also
+    number of training queries each prototype averages (0: not seeded yet; under sequence routing each input counts
+    once, however often it is seen, see `unseen_queries`); under sequence routing also
     ``query_scatter`` (d, d), the mean of (q - p)(q - p)^T over every training query q and its prototype p, and
     ``query_count`` (), the number of queries it averages: how prompts vary around their prototype (names, numbers,
     topic words), which the prototypes alone do not show. ``router_metric="discriminant"`` whitens by it; it is kept
@@ -53,6 +63,7 @@ class PrototypeRouter(Router):
         self.register_buffer("query_scatter", torch.zeros(self.query_dim, self.query_dim) if keeps_spread else None)
         self.register_buffer("query_count", torch.zeros((), dtype=torch.long) if keeps_spread else None)
         self._discriminant = None
+        self._seen: Optional[torch.Tensor] = None  # fingerprints of the current task's inputs (`unseen_queries`)
 
     def scores(self, queries: torch.Tensor, branches: Branches) -> torch.Tensor:
         return prototype_scores(queries, self.prototypes, self.counts)
@@ -95,7 +106,12 @@ class PrototypeRouter(Router):
         return floors.masked_fill(total == 0, float("-inf"))
 
     def learn(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> None:
-        self.learn_queries(self.state_queries(x, self.queries(x, context), context))
+        """Fold a training input's queries into the current task's state: the finite ones (`finite_queries`), and
+        under sequence routing only those of inputs the task has not seen yet (`unseen_queries`)."""
+        queries = finite_queries(self.state_queries(x, self.queries(x, context), context))
+        if self.granularity == "sequence":
+            queries, self._seen = unseen_queries(queries, self._seen)
+        self.learn_queries(queries)
 
     def learn_queries(self, queries: torch.Tensor) -> None:
         """Fold unit queries (N, d) of the current (last) task into its prototypes and into the query spread."""
@@ -106,8 +122,11 @@ class PrototypeRouter(Router):
     def add_task(self) -> None:
         self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, *self.prototypes.shape[1:])])
         self.counts = torch.cat([self.counts, self.counts.new_zeros(1, self.counts.shape[1])])
+        self._seen = None
 
     def remove_task(self, index: int) -> None:
+        if index == self.prototypes.shape[0] - 1:
+            self._seen = None
         keep = [task for task in range(self.prototypes.shape[0]) if task != index]
         self.prototypes, self.counts = self.prototypes[keep].clone(), self.counts[keep].clone()
 
@@ -122,6 +141,59 @@ def prototype_scores(queries: torch.Tensor, prototypes: torch.Tensor, counts: to
     similarity = torch.einsum("...d,tpd->...tp", queries.float(), centroids)
     similarity = similarity.masked_fill(counts == 0, EMPTY_TASK_SCORE)
     return similarity.amax(dim=-1)
+
+
+def finite_queries(queries: torch.Tensor) -> torch.Tensor:
+    """The rows of ``queries`` (N, d) whose values are all finite, with a warning when there are others.
+
+    NaN or inf in an input's embeddings (or, under token routing, in a layer input, as an fp16 overflow gives) would
+    make every later prototype, count and query spread of the task NaN, and every routed forward after it NaN or a
+    failed Cholesky factorisation. Such rows are left out rather than raising: the step's loss shows the problem
+    (and fp16 loss scaling skips the step), while the router state stays as the finite rows make it."""
+    finite = torch.isfinite(queries).all(dim=-1)
+    if bool(finite.all()):
+        return queries
+    warnings.warn(
+        f"{int((~finite).sum())} of {finite.numel()} routing queries of this training forward are not finite (NaN "
+        "or inf in the inputs' embeddings or layer inputs); the prototype router left them out of its state. Check "
+        "the inputs (inputs_embeds) and, under fp16, the loss scale.",
+        stacklevel=2,
+    )
+    return queries[finite]
+
+
+@torch.no_grad()
+def unseen_queries(queries: torch.Tensor, seen: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The queries (N, d) of inputs not seen before, and the fingerprints (M, FINGERPRINT_DIM) of every input seen so
+    far, these included.
+
+    An input seen again (the next epoch) has the same query up to rounding; folding it in again would weigh the
+    prototypes by how often each prompt was seen and make a prototype of one prompt seen n times look like n alike
+    prompts, whose floor (`PrototypeRouter.score_floors`) then refuses every fresh prompt of the task. A query counts
+    as seen when its fingerprint (a fixed random projection) lies within `REPEAT_TOLERANCE` of an earlier one, of this
+    batch or of an earlier one: the same prompt, or one with the same tokens in another order (the same point in
+    query space). Under data parallelism every rank keeps every rank's fingerprints. They are not saved: training a
+    loaded adapter's current task further counts its inputs once more."""
+    fingerprints = queries.float() @ _fingerprint_projection(queries.shape[-1], queries.device)
+    within_batch = _distances(fingerprints, fingerprints) < REPEAT_TOLERANCE
+    repeated = within_batch.tril(diagonal=-1).any(dim=1)
+    if seen is not None:
+        repeated |= (_distances(fingerprints, seen) < REPEAT_TOLERANCE).any(dim=1)
+    new = fingerprints[~repeated]
+    if _is_data_parallel():
+        new = _gather_all_rows(new)
+    return queries[~repeated], new if seen is None else torch.cat([seen, new])
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_projection(dim: int, device: torch.device) -> torch.Tensor:
+    return random_projection(dim, FINGERPRINT_DIM).to(device)
+
+
+def _distances(rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (N, M) of rows (N, k) to others (M, k), from the differences themselves: the matrix-product
+    shortcut loses to cancellation the small distances that tell a repeat."""
+    return torch.cdist(rows, others, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def discriminant_transform(
@@ -223,6 +295,13 @@ def _seed_empty_prototypes(prototypes: torch.Tensor, counts: torch.Tensor, queri
 
 def _is_data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_all_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, in rank order, whatever number of rows each rank holds."""
+    capacity = torch.tensor([rows.shape[0]], device=rows.device)
+    dist.all_reduce(capacity, op=dist.ReduceOp.MAX)
+    return _gather_rows(rows, int(capacity))
 
 
 def _gather_rows(rows: torch.Tensor, capacity: int) -> torch.Tensor:
