@@ -8,10 +8,15 @@ Suites (see benchmarks/suites):
   tasks' prompts differ in one word (the language), the hard case for routing.
 - long: fifteen offline text-classification tasks (minilm's six and nine more built the same way) on
   all-MiniLM-L6-v2, scored as minilm, in three fixed task orders (--order 1, 2, 3; one results file per order).
+- realtext: eight tasks of real text that installed packages ship (tzdata's time zones, pycountry's ISO lists, the
+  Unicode character names) on SmolLM2-135M-Instruct, classification (scored by the most likely of the task's own
+  labels) and generation (exact match) mixed; drift on real unrelated text (the Apache License 2.0 of tzdata). Every
+  task has a calibration split: --evaluate-on calibration scores it instead of the test split (for choosing
+  settings), and --base-only scores the untrained model alone.
 - standard: the Standard CL benchmark (AG News, Amazon, Yelp, DBpedia, Yahoo; orders 1-3) through `datasets`
   (Hub download, or --data-dir with <task>/train.jsonl and test.jsonl in the Hub column layout).
 
-Each offline suite (minilm, smollm, translation, long) also has held-out tasks, never trained (a trained task's
+Each offline suite (minilm, smollm, translation, long, realtext) also has held-out tasks, never trained (a trained task's
 format with a new label set, and a format no trained task has; long: minilm's): every method, and the base model
 before training, is scored on them after the whole sequence (--no-held-out skips them).
 
@@ -31,6 +36,8 @@ rows kept their run get the header's former "machine" and "settings", marked as 
     python -m benchmarks.continual --suite smollm --methods sparta seq_lora o_lora --steps 20
     python -m benchmarks.continual --suite translation --methods sparta seq_lora
     python -m benchmarks.continual --suite long --order 2
+    python -m benchmarks.continual --suite realtext --evaluate-on calibration --base-only
+    python -m benchmarks.continual --suite realtext --seed 1
     python -m benchmarks.continual --suite standard --order 1 --data-dir data/standard_cl --model minilm
 """
 
@@ -45,6 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -60,6 +68,7 @@ from peft_sparta.continual import (
     best_router_scores,
     train_sequence,
 )
+from peft_sparta.continual.driver import _candidates, _held_out_candidates
 from peft_sparta.model import find_sparta_tuner
 
 from . import offline, suites
@@ -77,20 +86,22 @@ MINILM_METHODS = [
 ]  # fmt: skip
 SMOLLM_METHODS = ["sparta", "seq_lora", "o_lora", "osf", "mtl_lora"]
 SUITE_METHODS = {"minilm": MINILM_METHODS, "standard": MINILM_METHODS, "smollm": SMOLLM_METHODS,
-                 "translation": SMOLLM_METHODS, "long": SMOLLM_METHODS}  # fmt: skip
+                 "translation": SMOLLM_METHODS, "long": SMOLLM_METHODS, "realtext": SMOLLM_METHODS}  # fmt: skip
+SUITES = ["minilm", "smollm", "translation", "long", "realtext", "standard"]
 DEFAULTS = {
     # suite: steps per task, batch size, learning rate
     "minilm": (30, 16, 1e-3),
     "translation": (30, 16, 1e-3),
     "long": (30, 16, 1e-3),
     "smollm": (40, 8, 1e-3),
+    "realtext": (40, 8, 1e-3),
     "standard": (100, 16, 1e-3),
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["minilm", "smollm", "translation", "long", "standard"], default="minilm")
+    parser.add_argument("--suite", choices=SUITES, default="minilm")
     parser.add_argument("--methods", nargs="+", default=None, help=f"any of {sorted(METHODS)}; default: the suite's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
@@ -103,17 +114,45 @@ def parse_args(argv=None):
     parser.add_argument("--r-task", type=int, default=32)
     parser.add_argument("--tasks", nargs="+", default=None, help="task names (subset / order) of the suite")
     parser.add_argument(
-        "--train-per-label", type=int, default=None, help="minilm/translation/long/standard: train examples per label"
+        "--train-per-label",
+        type=int,
+        default=None,
+        help="minilm/translation/long/standard, realtext's classification tasks: train examples per label",
     )
     parser.add_argument(
-        "--test-per-label", type=int, default=None, help="minilm/translation/long/standard: test examples per label"
+        "--test-per-label",
+        type=int,
+        default=None,
+        help="minilm/translation/long/standard, realtext's classification tasks: test examples per label",
     )
     parser.add_argument("--no-held-out", action="store_true", help="do not score the suite's held-out tasks")
     parser.add_argument(
         "--boilerplate", action="store_true", help="minilm/long: wrap inputs in shared boilerplate (harder routing)"
     )
-    parser.add_argument("--train-size", type=int, default=48, help="smollm: training examples per task")
-    parser.add_argument("--test-size", type=int, default=24, help="smollm: test examples per task")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="smollm (default 48), realtext's generation tasks (default 64): training examples per task",
+    )
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help="smollm (default 24), realtext's generation tasks (default 32): test examples per task",
+    )
+    parser.add_argument(
+        "--evaluate-on",
+        choices=["test", "calibration"],
+        default="test",
+        help="realtext: score every task (and drift) on its calibration split instead of its test split, to choose "
+        "settings without looking at the test split; results go to <stem>-calibration",
+    )
+    parser.add_argument(
+        "--base-only",
+        action="store_true",
+        help="score the untrained base model on every task and held-out task, train nothing (results: base_model)",
+    )
     parser.add_argument("--order", type=int, default=1, choices=[1, 2, 3], help="standard, long: task order")
     parser.add_argument("--data-dir", default=None, help="standard: local <task>/{train,test}.jsonl files")
     parser.add_argument("--model", choices=["minilm", "smollm"], default="minilm", help="standard: the model")
@@ -152,7 +191,7 @@ def build_suite(args):
         factory, targets, task_type = (lambda: offline.load_minilm()[0]), MINILM_TARGETS, None
     else:
         _, tokenizer = offline.load_smollm2()
-        harness = CausalLMHarness(tokenizer, max_new_tokens=8)
+        harness = CausalLMHarness(tokenizer, max_new_tokens=8, score_labels=args.suite == "realtext")
         factory, targets, task_type = (lambda: offline.load_smollm2()[0]), SMOLLM_TARGETS, "CAUSAL_LM"
     held_out = []
     test_per_label = args.test_per_label or 16
@@ -175,22 +214,52 @@ def build_suite(args):
         held_out = suites.translation_held_out(args.seed, test_per_label)
     elif args.suite == "smollm":
         tasks = suites.generation_suite(
-            args.seed, train_size=args.train_size, test_size=args.test_size, tasks=args.tasks
+            args.seed, train_size=args.train_size or 48, test_size=args.test_size or 24, tasks=args.tasks
         )
-        held_out = suites.generation_held_out(args.seed, test_size=args.test_size)
+        held_out = suites.generation_held_out(args.seed, test_size=args.test_size or 24)
+    elif args.suite == "realtext":
+        sizes = {
+            "train_per_label": args.train_per_label, "test_per_label": args.test_per_label,
+            "train_size": args.train_size, "test_size": args.test_size,
+        }  # fmt: skip
+        sizes = {key: value for key, value in sizes.items() if value is not None}
+        tasks = suites.realtext_suite(args.seed, tasks=args.tasks, **sizes)
+        held_out = suites.realtext_held_out(
+            args.seed, **{key: value for key, value in sizes.items() if key.startswith("test")}
+        )
     else:
         tasks = suites.standard_cl_suite(
             tuple(args.tasks) if args.tasks else args.order, data_dir=args.data_dir,
             train_per_label=args.train_per_label or 1000, test_per_label=args.test_per_label or 500, seed=args.seed,
             text_to_text=args.model == "smollm",
         )  # fmt: skip
+    if args.evaluate_on == "calibration":
+        tasks, held_out = on_calibration_split(tasks), on_calibration_split(held_out)
     return tasks, [] if args.no_held_out else held_out, harness, factory, targets, task_type
+
+
+def on_calibration_split(tasks: list) -> list:
+    """The tasks with their calibration examples in place of their test examples (training data unchanged)."""
+    missing = [task.name for task in tasks if not task.calibration]
+    if missing:
+        raise SystemExit(f"--evaluate-on calibration: tasks {missing} have no calibration split (suite realtext has).")
+    return [dataclasses.replace(task, test=task.calibration) for task in tasks]
+
+
+def general_texts(args) -> list[str]:
+    """The unrelated texts on which drift is measured: the real-text suite's own (its calibration half under
+    --evaluate-on calibration), else `suites.NEUTRAL_TEXTS`."""
+    if args.suite == "realtext":
+        return suites.unrelated_texts(args.evaluate_on)
+    return suites.NEUTRAL_TEXTS
 
 
 def default_stem(args) -> str:
     """The results stem without --out: continual-<suite>, with the task order for the long suite (unless --tasks)."""
     order = f"-order{args.order}" if args.suite == "long" and not args.tasks else ""
-    return f"continual-{args.suite}{order}" + ("-boilerplate" if args.boilerplate else "")
+    boilerplate = "-boilerplate" if args.boilerplate else ""
+    calibration = "-calibration" if args.evaluate_on == "calibration" else ""
+    return f"continual-{args.suite}{order}{boilerplate}{calibration}"
 
 
 def run(args) -> dict:
@@ -203,7 +272,7 @@ def run(args) -> dict:
         up_lr_ratio=args.up_lr_ratio,
         seed=args.seed,
         progress=not args.no_progress,
-        general_texts=suites.NEUTRAL_TEXTS,
+        general_texts=general_texts(args),
     )
     tasks, held_out, harness, factory, targets, task_type = build_suite(args)
     methods = args.methods or SUITE_METHODS[args.suite]
@@ -220,6 +289,7 @@ def run(args) -> dict:
         "train_sizes": [len(task.train) for task in tasks], "test_sizes": [len(task.test) for task in tasks],
         "held_out": [task.name for task in held_out], "held_out_test_sizes": [len(task.test) for task in held_out],
         "threads": args.threads, "sparta_overrides": overrides, "arguments": vars(args),
+        "evaluated_on": args.evaluate_on, "sources": tasks[0].metadata.get("sources"),
     }  # fmt: skip
     results.update(suite=args.suite, tasks=[task.name for task in tasks], latest_run=this_run)
     if held_out:
@@ -227,6 +297,11 @@ def run(args) -> dict:
             {"name": task.name, "kind": task.metadata.get("held_out"), "format_of": task.metadata.get("format_of")}
             for task in held_out
         ]
+    if args.base_only:
+        accuracy = base_model_accuracy(factory(), tasks, held_out, harness)
+        results["base_model"] = {"accuracy": accuracy, "run": this_run}
+        save(results, stem, plots=False)
+        return results
     thresholds: list = []
     if args.calibrate_abstain:
         settings.before_evaluation = abstain_calibrator(args, tasks, harness, thresholds)
@@ -247,6 +322,19 @@ def run(args) -> dict:
         save(results, stem, plots=not args.no_plots)
         tqdm.write(summary_line(key, result))
     return results
+
+
+@torch.no_grad()
+def base_model_accuracy(model, tasks, held_out, harness) -> dict[str, float]:
+    """The untrained model's accuracy on every task and held-out task, each scored as `train_sequence` scores it
+    before training (among the labels of the tasks up to it; a held-out task among every trained task's and its
+    own)."""
+    harness.prepare(model, [*tasks, *held_out])
+    model.eval()
+    accuracy = {task.name: harness.accuracy(model, task, _candidates(tasks, j)) for j, task in enumerate(tasks)}
+    for task in held_out:
+        accuracy[task.name] = harness.accuracy(model, task, _held_out_candidates(tasks, task))
+    return accuracy
 
 
 def abstain_calibrator(args, tasks, harness, thresholds: list):
@@ -380,14 +468,31 @@ def markdown_report(results: dict) -> str:
             "value): learning acc - forced learning acc is what routing loses, 1 - forced learning acc what learning "
             "did not reach; routing acc: fraction of test inputs whose top router gate is their own task's branch "
             "(SpaRTA with a router only); drift: change on unrelated text (minilm, translation: 1 - cosine of "
-            "embeddings to the base model's; smollm: mean token NLL increase). No task id at test time."
+            "embeddings to the base model's; smollm, realtext: mean token NLL increase). No task id at test time."
         ),
         "",
         markdown_table(header, rows),
         "",
         *held_out_report(results),
+        *base_model_report(results),
     ]
     return "\n".join(lines)
+
+
+def base_model_report(results: dict) -> list[str]:
+    """Markdown lines of the --base-only table: the untrained model's accuracy per task."""
+    base = results.get("base_model")
+    if not base:
+        return []
+    accuracy = base["accuracy"]
+    return [
+        "## Base model (no training)",
+        "",
+        f"Accuracy of the untrained model per task (run: {describe_run(base['run'])}).",
+        "",
+        markdown_table(["task", "accuracy"], [[name, f"{value:.3f}"] for name, value in accuracy.items()]),
+        "",
+    ]
 
 
 def held_out_names(results: dict) -> list[str]:

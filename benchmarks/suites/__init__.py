@@ -15,6 +15,10 @@
   sequence (``train_sequence(..., held_out=...)``).
 - `long_sequence_suite`: fifteen text-classification tasks (the six of `classification_suite` and nine more built
   the same way) in three fixed task orders, for continual learning over long sequences.
+- `realtext_suite`: eight tasks of real text that installed packages ship (tzdata's time zones, pycountry's ISO
+  3166 / 4217 / 3166-2 lists, the Unicode character names), classification and generation mixed, for causal LMs,
+  with train / calibration / test parts; `realtext_held_out`: its two never-trained tasks; `unrelated_texts`: real
+  text unrelated to them (the Apache License 2.0) for drift.
 - `standard_cl_suite`: the "Standard CL benchmark" (AG News, Amazon, Yelp, DBpedia, Yahoo Answers) as
   text-to-text classification in the three task orders of the literature, through `datasets` (downloadable or local
   files in the same column layout).
@@ -25,6 +29,7 @@ from __future__ import annotations
 from .classification import CLASSIFICATION_TASKS, classification_held_out, classification_suite
 from .generation import GENERATION_TASKS, generation_held_out, generation_suite
 from .long_sequence import LONG_SEQUENCE_ORDERS, LONG_SEQUENCE_TASKS, long_sequence_suite
+from .realtext import REALTEXT_HELD_OUT, REALTEXT_TASKS, realtext_held_out, realtext_suite, unrelated_texts
 from .standard_cl import STANDARD_CL_ORDERS, STANDARD_CL_TASKS, standard_cl_suite
 from .tasks import CALIBRATION_TEXTS, NEUTRAL_TEXTS, Example, Task
 from .translation import TRANSLATION_TASKS, translation_held_out, translation_suite
@@ -37,6 +42,8 @@ __all__ = [
     "LONG_SEQUENCE_ORDERS",
     "LONG_SEQUENCE_TASKS",
     "NEUTRAL_TEXTS",
+    "REALTEXT_HELD_OUT",
+    "REALTEXT_TASKS",
     "STANDARD_CL_ORDERS",
     "STANDARD_CL_TASKS",
     "TRANSLATION_TASKS",
@@ -47,7 +54,10 @@ __all__ = [
     "generation_held_out",
     "generation_suite",
     "long_sequence_suite",
+    "realtext_held_out",
+    "realtext_suite",
     "standard_cl_suite",
     "translation_held_out",
     "translation_suite",
+    "unrelated_texts",
 ]

@@ -18,13 +18,16 @@ class Example:
 
 @dataclass
 class Task:
-    """A task of a continual sequence. ``labels`` is the label set of a classification task, empty for generation."""
+    """A task of a continual sequence. ``labels`` is the label set of a classification task, empty for generation;
+    ``calibration``, when a suite has one, holds examples in neither ``train`` nor ``test``, on which to choose
+    settings."""
 
     name: str
     train: list[Example]
     test: list[Example]
     labels: tuple[str, ...] = ()
     metadata: dict = field(default_factory=dict)
+    calibration: list[Example] = field(default_factory=list)
 
 
 #: Everyday sentences that resemble no task of the suites, for measuring general-ability drift.

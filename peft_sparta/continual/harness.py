@@ -148,14 +148,24 @@ class CausalLMHarness:
     labels are `IGNORE_INDEX` (-100) on the prompt (completion-only loss, so SpaRTA builds its router state from the
     prompt alone, as at inference). At test time
     the answer is generated greedily from the prompt alone and compared, stripped, to the target (candidate labels are
-    not used).
+    not used). With ``score_labels``, a task with labels (classification) is scored instead by the most likely of its
+    own labels: the one whose answer tokens (``" " + label`` and EOS, as trained) have the largest summed
+    log-probability after the prompt, the router deciding from the prompt alone as in training.
     """
 
-    def __init__(self, tokenizer, max_length: int = 128, max_new_tokens: int = 8, eval_batch_size: int = 32):
+    def __init__(
+        self,
+        tokenizer,
+        max_length: int = 128,
+        max_new_tokens: int = 8,
+        eval_batch_size: int = 32,
+        score_labels: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.eval_batch_size = eval_batch_size
+        self.score_labels = score_labels
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -186,28 +196,76 @@ class CausalLMHarness:
         """Loss of (task, example) pairs: neither the task nor a label space enters the causal-LM loss."""
         return self.loss(model, [example for _, example in pairs], None)
 
-    def loss(self, model, batch, task) -> torch.Tensor:
+    def _answer_batch(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        """Right-padded ``prompt(text) + " " + answer + EOS`` rows of (text, answer) pairs, with their token labels:
+        `IGNORE_INDEX` on the prompt and the padding, the token ids on the answer."""
         tokenizer = self.tokenizer
         rows, labels = [], []
-        for example in batch:
-            prompt = tokenizer(self.prompt(example.text), add_special_tokens=False)["input_ids"]
-            answer = tokenizer(" " + example.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for text, target in pairs:
+            prompt = tokenizer(self.prompt(text), add_special_tokens=False)["input_ids"]
+            answer = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids = (prompt + answer)[: self.max_length]
             rows.append(ids)
             labels.append(([IGNORE_INDEX] * len(prompt) + answer)[: self.max_length])
         width = max(len(row) for row in rows)
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
-        attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        label_ids = torch.tensor([row + [IGNORE_INDEX] * (width - len(row)) for row in labels])
+        return {
+            "input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in rows]),
+            "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+            "labels": torch.tensor([row + [IGNORE_INDEX] * (width - len(row)) for row in labels]),
+        }
+
+    def loss(self, model, batch, task) -> torch.Tensor:
         device = module_device(model)
-        output = model(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=label_ids.to(device)
-        )
-        return output.loss
+        inputs = self._answer_batch([(example.text, example.target) for example in batch])
+        return model(**{key: value.to(device) for key, value in inputs.items()}).loss
+
+    @torch.no_grad()
+    def answer_log_likelihoods(self, model, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        """Summed log-probability of each (text, answer) pair's answer tokens (with EOS) after its prompt."""
+        device = module_device(model)
+        scores = []
+        for chunk in _batches(pairs, self.eval_batch_size):
+            inputs = {key: value.to(device) for key, value in self._answer_batch(list(chunk)).items()}
+            logits = model(**inputs).logits[:, :-1].float()
+            targets = inputs["labels"][:, 1:]
+            answer = targets != IGNORE_INDEX
+            picked = logits.log_softmax(dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scores.append((picked * answer).sum(dim=-1).cpu())
+        return torch.cat(scores)
 
     @torch.no_grad()
     def accuracy(self, model, task, candidates, recorder: RoutingRecorder | None = None) -> float:
+        if self.score_labels and task.labels:
+            return self._label_accuracy(model, task, recorder)
+        return self._generation_accuracy(model, task, recorder)
+
+    def _record_prompts(self, model, texts: list[str], recorder: RoutingRecorder) -> None:
+        """One forward of the left-padded prompts with ``recorder`` enabled: one routing row per input."""
+        tokenizer = self.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            inputs = tokenizer([self.prompt(text) for text in texts], return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        recorder.enabled = True
+        model(**{key: value.to(module_device(model)) for key, value in inputs.items()})
+        recorder.enabled = False
+
+    def _label_accuracy(self, model, task, recorder: RoutingRecorder | None) -> float:
+        """Fraction of test inputs whose most likely label among ``task.labels`` is their target."""
+        labels = list(task.labels)
+        correct = 0
+        for batch in _batches(task.test, self.eval_batch_size):
+            if recorder is not None:
+                self._record_prompts(model, [example.text for example in batch], recorder)
+            pairs = [(example.text, label) for example in batch for label in labels]
+            scores = self.answer_log_likelihoods(model, pairs).view(len(batch), len(labels))
+            predictions = scores.argmax(dim=-1).tolist()
+            correct += sum(labels[p] == example.target for p, example in zip(predictions, batch))
+        return correct / len(task.test)
+
+    def _generation_accuracy(self, model, task, recorder: RoutingRecorder | None) -> float:
         tokenizer = self.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         correct = 0
