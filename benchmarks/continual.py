@@ -85,8 +85,9 @@ MINILM_METHODS = [
     "sparta_train_shared", "sparta_one_prototype",
 ]  # fmt: skip
 SMOLLM_METHODS = ["sparta", "seq_lora", "o_lora", "osf", "mtl_lora"]
+REALTEXT_METHODS = ["sparta", "sparta_paper", "seq_lora", "o_lora", "osf", "mtl_lora"]
 SUITE_METHODS = {"minilm": MINILM_METHODS, "standard": MINILM_METHODS, "smollm": SMOLLM_METHODS,
-                 "translation": SMOLLM_METHODS, "long": SMOLLM_METHODS, "realtext": SMOLLM_METHODS}  # fmt: skip
+                 "translation": SMOLLM_METHODS, "long": SMOLLM_METHODS, "realtext": REALTEXT_METHODS}  # fmt: skip
 SUITES = ["minilm", "smollm", "translation", "long", "realtext", "standard"]
 DEFAULTS = {
     # suite: steps per task, batch size, learning rate
@@ -512,9 +513,10 @@ def base_unseen_accuracy(results: dict, name: str) -> float | None:
 
 
 def held_out_report(results: dict) -> list[str]:
-    """Markdown lines of the held-out table: unseen accuracy (and gain over the base model) per held-out task."""
+    """Markdown lines of the held-out table: unseen accuracy (and gain over the base model) per held-out task (none
+    before a method row has measured them, e.g. after a --base-only run alone)."""
     names = held_out_names(results)
-    if not names:
+    if not names or not results["methods"]:
         return []
     kinds = {entry["name"]: entry for entry in results.get("held_out", [])}
 
