@@ -90,7 +90,7 @@ def _unique(pairs) -> list[tuple[str, str]]:
 @cache
 def _zone_tab() -> list[tuple[str, str]]:
     """(country code, zone name) of every zone in tzdata's zone.tab."""
-    text = resources.files("tzdata").joinpath("zoneinfo", "zone.tab").read_text(encoding="utf-8")
+    text = resources.files("tzdata").joinpath("zoneinfo").joinpath("zone.tab").read_text(encoding="utf-8")
     rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
     return [(row[0], row[2]) for row in rows]
 
