@@ -1,7 +1,7 @@
 """The two designs of an adapter's task branches, kept as variants the way PEFT's LoRA keeps DoRA: each adapted layer
 holds one `TaskBranchVariant` per adapter, chosen from the config's ``task_branches`` when the adapter is built, and
-calls its static hooks wherever the designs differ; the checkpoint checks, the model card and the Trainer callback
-resolve it from the config (`task_branch_variant`).
+calls its static hooks wherever the designs differ (the routing recorder reads the layer's too); the checkpoint
+checks, the LoRA export, the model card and the Trainer callback resolve it from the config (`task_branch_variant`).
 
 - `PerTaskBranches` (``task_branches="per_task"``, the default): one high-rank branch per task, frozen once its task
   is done; the router picks the task branch per input.
