@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
 
 from .errors import SpaRTALoadError
 from .kernels import BACKENDS, NORMS, Backend, Norm
-from .registration import PEFT_TYPE_SPARTA
 
+
+#: SpaRTA's member of PEFT's `PeftType` (added by `registration`, which `import peft_sparta` runs first).
+PEFT_TYPE = "SPARTA"
 
 #: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code. The newest
 #: version, read and written by this code.
@@ -357,7 +360,7 @@ class SpaRTAConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PEFT_TYPE_SPARTA
+        self.peft_type = PeftType(PEFT_TYPE)
         self.target_modules = (
             set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         )

@@ -2,7 +2,8 @@
 `save_pretrained`/`push_to_hub`, a save that refuses a config no longer matching its layers, and loading that fails
 cleanly (a failed load puts the model back as it was).
 
-Each wrapper acts only on SpaRTA adapters and defers to PEFT's own method for every other method.
+Each wrapper acts only on SpaRTA adapters and defers to PEFT's own method for every other method. `registration.install`
+puts them in place when the package is imported.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.save_and_load import load_peft_weights
 from torch import nn
-from transformers.integrations.peft import PeftAdapterMixin
 
 from .checkpoint import check_task_count
-from .config import SpaRTAConfig
+from .config import PEFT_TYPE, SpaRTAConfig
 from .errors import SpaRTALoadError
 from .layer import SpaRTALayer
 from .model import SpaRTAModel, find_sparta_tuners
-from .registration import PEFT_TYPE_SPARTA
 from .variants import task_branch_variant
 
 
@@ -37,7 +36,7 @@ MODEL_CARD_HEADING = "## SpaRTA adapter"
 
 
 def _is_sparta(config) -> bool:
-    return getattr(config, "peft_type", None) == PEFT_TYPE_SPARTA
+    return getattr(config, "peft_type", None) == PEFT_TYPE
 
 
 def model_card_section(model: PeftModel, adapter_name: str) -> str:
@@ -99,7 +98,7 @@ def _add_sparta_card_content(model: PeftModel, output_dir: str) -> None:
     card.save(filename)
 
 
-def _wrap_model_card(original):
+def wrap_model_card(original):
     @functools.wraps(original)
     def create_or_update_model_card(self, output_dir: str):
         original(self, output_dir)
@@ -109,7 +108,7 @@ def _wrap_model_card(original):
     return create_or_update_model_card
 
 
-def _wrap_upload(original):
+def wrap_upload(original):
     @functools.wraps(original)
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         if isinstance(self, PeftModel) and _is_sparta(self.active_peft_config):
@@ -120,7 +119,7 @@ def _wrap_upload(original):
     return _upload_modified_files
 
 
-def _wrap_save(original):
+def wrap_save(original):
     """Check every SpaRTA adapter to be saved against its layers first (`SpaRTAModel.check_config_matches_layers`), so
     that a config edited after the model was built raises before any file is written."""
 
@@ -217,7 +216,7 @@ def _adapter_state(layer: SpaRTALayer) -> dict:
     return state
 
 
-def _wrap_load_adapter(original):
+def wrap_load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, model_id, adapter_name: str, *args, **kwargs):
         snapshot = ModelSnapshot(self)
@@ -232,7 +231,7 @@ def _wrap_load_adapter(original):
     return load_adapter
 
 
-def _wrap_from_pretrained(original):
+def wrap_from_pretrained(original):
     @functools.wraps(original)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
         snapshot = ModelSnapshot(model)
@@ -249,7 +248,7 @@ def _wrap_from_pretrained(original):
     return classmethod(from_pretrained)
 
 
-def _wrap_transformers_load_adapter(original):
+def wrap_transformers_load_adapter(original):
     """transformers' ``model.load_adapter`` loads the weights with its own loader, which neither checks a SpaRTA
     checkpoint nor undoes a failed load: for SpaRTA adapters, check the loaded tensors against the file (every tensor
     present, in place, nothing extra) and restore the model on any failure."""
@@ -300,7 +299,7 @@ def _is_sparta_source(model_id, subfolder: Optional[str]) -> bool:
     folder = _local_folder(model_id, subfolder)
     try:
         with open(os.path.join(folder, "adapter_config.json")) as file:
-            return json.load(file).get("peft_type") == PEFT_TYPE_SPARTA.value
+            return json.load(file).get("peft_type") == PEFT_TYPE
     except (TypeError, OSError, ValueError, AttributeError):
         return False
 
@@ -319,17 +318,3 @@ def _load_error(error: Exception, model_id, subfolder: Optional[str] = None) -> 
         "as it was. Check that the adapter's files are complete and uncorrupted; if they are, please report this "
         "error to peft-sparta-cl."
     )
-
-
-def install() -> None:
-    """Wrap PeftModel's card writing, Hub upload and adapter loading, and transformers' adapter loading, once per
-    process."""
-    if getattr(PeftModel, "_sparta_integration", False):
-        return
-    PeftModel.create_or_update_model_card = _wrap_model_card(PeftModel.create_or_update_model_card)
-    PeftModel._upload_modified_files = _wrap_upload(PeftModel._upload_modified_files)
-    PeftModel.save_pretrained = _wrap_save(PeftModel.save_pretrained)
-    PeftModel.load_adapter = _wrap_load_adapter(PeftModel.load_adapter)
-    PeftModel.from_pretrained = _wrap_from_pretrained(PeftModel.from_pretrained)
-    PeftAdapterMixin.load_adapter = _wrap_transformers_load_adapter(PeftAdapterMixin.load_adapter)
-    PeftModel._sparta_integration = True

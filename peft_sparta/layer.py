@@ -16,11 +16,11 @@ from .initialization import init_branch, scaling
 from .kernels import gated_lowrank
 from .quantization import check_mergeable, warn_requantization
 from .regularizers import LayerRegularizers
-from .routers import Branches, Router, Routing, RoutingContext, TaskBranches, make_router
+from .routers import Branches, RoutedLayer, Router, Routing, RoutingContext, TaskBranches, make_router
 from .variants import TaskBranchVariant, task_branch_variant
 
 
-class SpaRTALayer(BaseTunerLayer, LayerRegularizers):
+class SpaRTALayer(BaseTunerLayer, LayerRegularizers, RoutedLayer):
     """State of SpaRTA adapters on one base layer, keyed by adapter name.
 
     Per adapter: a shared branch (A_sh, B_sh), trainable with the first task (and on every task with

@@ -37,7 +37,7 @@ import functools
 import warnings
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from .model import find_sparta_tuner
 from .routers.recorder import RoutingRecorder
@@ -178,16 +178,11 @@ class SpaRTACallback(TrainerCallback):
             state.log_history[-1].update(added)
 
 
-def install() -> None:
-    """Make every `transformers.Trainer` (and subclass) built on a SpaRTA model carry a `SpaRTACallback`, once per
-    process: the callback sets the regularizers' weight per optimizer step, which correct training needs."""
-    if getattr(Trainer, "_sparta_integration", False):
-        return
-    Trainer.__init__ = _with_sparta_callback(Trainer.__init__)
-    Trainer._sparta_integration = True
+def with_sparta_callback(original):
+    """``Trainer.__init__`` that adds a `SpaRTACallback` when the trainer trains a SpaRTA model (`registration.install`
+    puts it in place when the package is imported): the callback sets the regularizers' weight per optimizer step,
+    which correct training needs."""
 
-
-def _with_sparta_callback(original):
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)

@@ -11,6 +11,8 @@ import pytest
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
+from transformers import Trainer
+from transformers.integrations.peft import PeftAdapterMixin
 
 import peft_sparta
 from peft_sparta import SpaRTAConfig, SpaRTAModel
@@ -27,9 +29,15 @@ def test_sparta_is_a_peft_type_by_attribute_value_and_name():
 
 def test_registration_is_idempotent():
     members = len(PeftType)
+    patched = (Trainer.__init__, PeftModel.load_adapter, PeftModel.from_pretrained, PeftAdapterMixin.load_adapter)
+    assert all(hasattr(method, "__wrapped__") for method in patched), "import peft_sparta wraps them"
     peft_sparta.registration.extend_str_enum(PeftType, "SPARTA")
-    peft_sparta.register_sparta(SpaRTAConfig, SpaRTAModel)
+    peft_sparta.registration.register_sparta(SpaRTAConfig, SpaRTAModel)
+    peft_sparta.registration.install()
     assert len(PeftType) == members
+    assert (Trainer.__init__, PeftModel.load_adapter, PeftModel.from_pretrained, PeftAdapterMixin.load_adapter) == (
+        patched
+    ), "a second install wraps nothing again"
 
 
 def test_fresh_process_loads_after_import(tmp_path):

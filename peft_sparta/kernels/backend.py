@@ -13,6 +13,8 @@ from typing import Literal, get_args
 
 import torch
 
+from .guard import triton_passes_check
+
 
 Backend = Literal["auto", "eager", "torch", "triton"]
 BACKENDS = get_args(Backend)
@@ -51,8 +53,6 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     if backend == "auto":
         if not triton_is_default(tensor):
             return "torch"
-        from .guard import triton_passes_check  # imports both ops, which import this module
-
         return "triton" if triton_passes_check(tensor) else "torch"
     if backend == "triton":
         if not triton_available():

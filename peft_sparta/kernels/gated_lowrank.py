@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from .backend import resolve_backend
+from .guard import compare, register_check
 
 
 def gated_lowrank_reference(
@@ -298,3 +299,56 @@ def gated_lowrank(
         impl = GatedLowRankTorch
     out = GatedLowRankFunction.apply(flat_x, flat_gates, scales, p, impl, bool(recompute), *a_blocks, *b_blocks)
     return out.reshape(*lead, out.shape[-1])
+
+
+# ---- the first-use guard's checks of gated_lowrank_triton (guard.py) ----------------------------------------------
+
+#: probability and seed of the dropout check
+_CHECK_DROPOUT_P = 0.25
+_CHECK_SEED = 1234
+
+
+def _check_gated(impl, device, dtype, tolerance, gated: bool) -> str | None:
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype).requires_grad_()
+
+    rows, in_features, out_features, ranks = 37, 24, 16, (4, 8)
+    x = randn(rows, in_features)
+    a_blocks = [randn(rank, in_features, scale=in_features**-0.5) for rank in ranks]
+    b_blocks = [randn(out_features, rank, scale=rank**-0.5) for rank in ranks]
+    gates = torch.rand(rows, len(ranks), generator=generator).to(device, dtype).requires_grad_() if gated else None
+    cotangent = torch.randn(rows, out_features, generator=generator).to(device, dtype)
+    inputs = [x, *a_blocks, *b_blocks] + ([gates] if gated else [])
+    names = ["output", "dx", *(f"dA{i}" for i in range(len(ranks))), *(f"dB{i}" for i in range(len(ranks)))]
+    names += ["dgates"] if gated else []
+    results = []
+    for namespace in (impl, GatedLowRankTorch):
+        out = GatedLowRankFunction.apply(x, gates, (2.0, 0.5), 0.0, namespace, False, *a_blocks, *b_blocks)
+        results.append([out, *torch.autograd.grad(out, inputs, cotangent.to(out.dtype))])
+    return compare(names, *results, tolerance)
+
+
+def _check_dropout(impl, device, dtype, tolerance) -> str | None:
+    """The Triton path keeps no mask: backward regenerates it from the seed. So the replay of ones is the mask scaled
+    by 1 / (1 - p), the replay of x is x times it, and a second replay gives the same."""
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    mask = impl.dropout_replay(torch.ones_like(x), _CHECK_DROPOUT_P, None, _CHECK_SEED).float()
+    dropped = impl.dropout_replay(x, _CHECK_DROPOUT_P, None, _CHECK_SEED)
+    kept = mask != 0
+    scale = 1.0 / (1.0 - _CHECK_DROPOUT_P)
+    if not torch.allclose(mask[kept], torch.full_like(mask[kept], scale), rtol=tolerance, atol=0.0):
+        return f"kept elements are not scaled by 1 / (1 - p) = {scale}"
+    fraction = kept.float().mean().item()
+    if not 0.6 < fraction < 0.9:
+        return f"kept {fraction:.0%} of the elements with p={_CHECK_DROPOUT_P}"
+    problem = compare(["output"], [dropped], [x * mask.to(dtype)], tolerance)
+    if problem is None and not torch.equal(impl.dropout_replay(x, _CHECK_DROPOUT_P, None, _CHECK_SEED), dropped):
+        problem = "replaying the same seed gives another mask"
+    return problem
+
+
+register_check("gated_lowrank", "gated_lowrank_triton", functools.partial(_check_gated, gated=True))
+register_check("gated_lowrank without gates", "gated_lowrank_triton", functools.partial(_check_gated, gated=False))
+register_check("dropout", "gated_lowrank_triton", _check_dropout)

@@ -1,12 +1,14 @@
 """The first-use check that guards the default ("auto") choice of the Triton kernels.
 
 Where kernel_backend None / "auto" would run Triton (CUDA tensors, Triton installed), the first call per process and
-(device, dtype, autocast dtype) runs the Triton kernels of both ops on a small input, forward and backward, against
-the fused torch path: the gated low-rank product with and without gates, the dropout kernel (its keep-mask regenerated
-from the seed) and the orthogonality penalty in both norms. Any exception, or a result whose relative error exceeds the
-dtype's tolerance, gives one warning that names it, and the fused torch path serves that (device, dtype) for the rest
-of the process. The check costs a few kernel compilations once per process. An explicit "triton" never comes here, so
-its errors propagate.
+(device, dtype, autocast dtype) runs every registered check: each op module registers, at import, checks that run its
+Triton kernels on a small input, forward and backward, against the fused torch path (gated_lowrank.py: the gated
+low-rank product with and without gates and the dropout kernel, its keep-mask regenerated from the seed;
+orthogonality.py: the penalty in both norms). The package imports both op modules, so both are registered before any
+check runs, and this module imports neither: the ops import the guard (through backend.py), not the reverse. Any
+exception, or a result whose relative error exceeds the dtype's tolerance, gives one warning that names it, and the
+fused torch path serves that (device, dtype) for the rest of the process. The check costs a few kernel compilations
+once per process. An explicit "triton" never comes here, so its errors propagate.
 """
 
 from __future__ import annotations
@@ -14,31 +16,52 @@ from __future__ import annotations
 import importlib
 import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-from .gated_lowrank import GatedLowRankFunction, GatedLowRankTorch
-from .orthogonality import OrthogonalityPenaltyFunction, OrthogonalityTorch
 
 
 # Largest relative (Frobenius) error of a Triton result against the torch path's. Far above rounding (fp32 allows for
 # TF32 in the torch path's GEMMs), far below what a wrong kernel gives (a missed tile or a wrong factor: > 10%).
 TOLERANCES = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-DROPOUT_P = 0.25
-_SEED = 1234
 
 _verdicts: dict[tuple, bool] = {}
 _lock = threading.Lock()
 
 
-def triton_namespaces():
-    """The Triton implementation namespaces of the two ops (imported here, so that an import error is a failed
-    check)."""
+@dataclass(frozen=True)
+class KernelCheck:
+    """One check of the first-use guard: ``run(impl, device, dtype, tolerance)`` runs the Triton namespace ``impl``
+    (the module ``triton_module`` of this package) against the fused torch path and returns None, or what differs.
+    ``name`` is what the warning names when it fails."""
+
+    name: str
+    triton_module: str
+    run: Callable[[Any, torch.device, torch.dtype, float], str | None]
+
+
+#: The registered checks, in the order they run.
+CHECKS: list[KernelCheck] = []
+
+
+def register_check(name: str, triton_module: str, run: Callable[..., str | None]) -> None:
+    """Register a check of the Triton kernels in ``triton_module`` (an op module calls this at import). A name
+    registered again (a reloaded module) replaces its check in place."""
+    check = KernelCheck(name, triton_module, run)
+    for index, registered in enumerate(CHECKS):
+        if registered.name == name:
+            CHECKS[index] = check
+            return
+    CHECKS.append(check)
+
+
+def triton_namespace(module: str):
+    """The Triton implementation namespace ``module`` of this package (imported here, so that an import error is a
+    failed check)."""
     package = __name__.rsplit(".", 1)[0]
-    return (
-        importlib.import_module(f"{package}.gated_lowrank_triton"),
-        importlib.import_module(f"{package}.orthogonality_triton"),
-    )
+    return importlib.import_module(f"{package}.{module}")
 
 
 def triton_passes_check(tensor: torch.Tensor) -> bool:
@@ -65,91 +88,27 @@ def reset() -> None:
 
 def first_failure(device: torch.device, dtype: torch.dtype) -> str | None:
     """None when the Triton kernels match the fused torch path on ``device`` in ``dtype`` (under the caller's autocast
-    state), else what went wrong first."""
+    state) in every registered check, else what went wrong first."""
     autocast = _autocast_dtype(device)
     tolerance = max(TOLERANCES.get(dtype, TOLERANCES[torch.float32]), TOLERANCES.get(autocast, 0.0))
     try:
-        gated_triton, orthogonality_triton = triton_namespaces()
+        namespaces = {check.triton_module: triton_namespace(check.triton_module) for check in CHECKS}
     except Exception as error:
         return f"importing the kernels raised {_describe(error)}"
-    checks = (
-        ("gated_lowrank", lambda: _check_gated(gated_triton, device, dtype, tolerance, gated=True)),
-        ("gated_lowrank without gates", lambda: _check_gated(gated_triton, device, dtype, tolerance, gated=False)),
-        ("dropout", lambda: _check_dropout(gated_triton, device, dtype, tolerance)),
-        ("orthogonality_penalty", lambda: _check_orthogonality(orthogonality_triton, device, dtype, tolerance)),
-    )
     with torch.inference_mode(False), torch.enable_grad():
-        for name, check in checks:
+        for check in CHECKS:
             try:
-                problem = check()
+                problem = check.run(namespaces[check.triton_module], device, dtype, tolerance)
             except Exception as error:
-                return f"{name} raised {_describe(error)}"
+                return f"{check.name} raised {_describe(error)}"
             if problem is not None:
-                return f"{name}: {problem}"
+                return f"{check.name}: {problem}"
     return None
 
 
-def _check_gated(impl, device, dtype, tolerance, gated: bool) -> str | None:
-    generator = torch.Generator().manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype).requires_grad_()
-
-    rows, in_features, out_features, ranks = 37, 24, 16, (4, 8)
-    x = randn(rows, in_features)
-    a_blocks = [randn(rank, in_features, scale=in_features**-0.5) for rank in ranks]
-    b_blocks = [randn(out_features, rank, scale=rank**-0.5) for rank in ranks]
-    gates = torch.rand(rows, len(ranks), generator=generator).to(device, dtype).requires_grad_() if gated else None
-    cotangent = torch.randn(rows, out_features, generator=generator).to(device, dtype)
-    inputs = [x, *a_blocks, *b_blocks] + ([gates] if gated else [])
-    names = ["output", "dx", *(f"dA{i}" for i in range(len(ranks))), *(f"dB{i}" for i in range(len(ranks)))]
-    names += ["dgates"] if gated else []
-    results = []
-    for namespace in (impl, GatedLowRankTorch):
-        out = GatedLowRankFunction.apply(x, gates, (2.0, 0.5), 0.0, namespace, False, *a_blocks, *b_blocks)
-        results.append([out, *torch.autograd.grad(out, inputs, cotangent.to(out.dtype))])
-    return _compare(names, *results, tolerance)
-
-
-def _check_dropout(impl, device, dtype, tolerance) -> str | None:
-    """The Triton path keeps no mask: backward regenerates it from the seed. So the replay of ones is the mask scaled
-    by 1 / (1 - p), the replay of x is x times it, and a second replay gives the same."""
-    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    mask = impl.dropout_replay(torch.ones_like(x), DROPOUT_P, None, _SEED).float()
-    dropped = impl.dropout_replay(x, DROPOUT_P, None, _SEED)
-    kept = mask != 0
-    scale = 1.0 / (1.0 - DROPOUT_P)
-    if not torch.allclose(mask[kept], torch.full_like(mask[kept], scale), rtol=tolerance, atol=0.0):
-        return f"kept elements are not scaled by 1 / (1 - p) = {scale}"
-    fraction = kept.float().mean().item()
-    if not 0.6 < fraction < 0.9:
-        return f"kept {fraction:.0%} of the elements with p={DROPOUT_P}"
-    problem = _compare(["output"], [dropped], [x * mask.to(dtype)], tolerance)
-    if problem is None and not torch.equal(impl.dropout_replay(x, DROPOUT_P, None, _SEED), dropped):
-        problem = "replaying the same seed gives another mask"
-    return problem
-
-
-def _check_orthogonality(impl, device, dtype, tolerance) -> str | None:
-    generator = torch.Generator().manual_seed(2)
-
-    def randn(*shape, grad=True):
-        return (torch.randn(*shape, generator=generator) * 0.2).to(device, dtype).requires_grad_(grad)
-
-    left, trained, frozen = randn(6, 24), randn(5, 24), randn(7, 24, grad=False)
-    dloss = torch.tensor(1.5, device=device, dtype=dtype)
-    for l1 in (False, True):
-        results = []
-        for namespace in (impl, OrthogonalityTorch):
-            loss = OrthogonalityPenaltyFunction.apply(left, namespace, l1, trained, frozen)
-            results.append([loss, *torch.autograd.grad(loss, [left, trained], dloss)])
-        problem = _compare(["loss", "d left", "d right"], *results, tolerance)
-        if problem is not None:
-            return f"norm {'l1' if l1 else 'fro'}: {problem}"
-    return None
-
-
-def _compare(names, actual, expected, tolerance) -> str | None:
+def compare(names, actual, expected, tolerance: float) -> str | None:
+    """None when every ``actual`` tensor is within ``tolerance`` (relative, Frobenius) of its ``expected`` one, else
+    which differs (by name) and by how much."""
     for name, value, reference in zip(names, actual, expected):
         value, reference = value.detach().double(), reference.detach().double()
         if value.shape != reference.shape:

@@ -15,6 +15,7 @@ from typing import Literal, get_args
 import torch
 
 from .backend import resolve_backend
+from .guard import compare, register_check
 
 
 Norm = Literal["fro", "l1"]
@@ -131,3 +132,28 @@ def orthogonality_penalty(
     else:
         impl = OrthogonalityTorch
     return OrthogonalityPenaltyFunction.apply(left.to(dtype), impl, norm == "l1", *blocks)
+
+
+# ---- the first-use guard's check of orthogonality_triton (guard.py) -----------------------------------------------
+
+
+def _check_orthogonality(impl, device, dtype, tolerance) -> str | None:
+    generator = torch.Generator().manual_seed(2)
+
+    def randn(*shape, grad=True):
+        return (torch.randn(*shape, generator=generator) * 0.2).to(device, dtype).requires_grad_(grad)
+
+    left, trained, frozen = randn(6, 24), randn(5, 24), randn(7, 24, grad=False)
+    dloss = torch.tensor(1.5, device=device, dtype=dtype)
+    for l1 in (False, True):
+        results = []
+        for namespace in (impl, OrthogonalityTorch):
+            loss = OrthogonalityPenaltyFunction.apply(left, namespace, l1, trained, frozen)
+            results.append([loss, *torch.autograd.grad(loss, [left, trained], dloss)])
+        problem = compare(["loss", "d left", "d right"], *results, tolerance)
+        if problem is not None:
+            return f"norm {'l1' if l1 else 'fro'}: {problem}"
+    return None
+
+
+register_check("orthogonality_penalty", "orthogonality_triton", _check_orthogonality)

@@ -7,7 +7,16 @@ and add it to `ROUTERS` under the name `SpaRTAConfig.router` takes.
 
 from __future__ import annotations
 
-from .base import Branches, Router, Routing, TaskBranches, gates_from_scores, is_recomputation
+from .base import (
+    Branches,
+    RoutedLayer,
+    Router,
+    Routing,
+    TaskBranches,
+    gates_from_scores,
+    is_recomputation,
+    routed_layers,
+)
 from .components import ComponentRouter
 from .context import IGNORE_INDEX, RoutingContext, prompt_mask
 from .learned import LearnedRouter
@@ -39,6 +48,7 @@ __all__ = [
     "ComponentRouter",
     "LearnedRouter",
     "PrototypeRouter",
+    "RoutedLayer",
     "Router",
     "Routing",
     "RoutingContext",
@@ -49,4 +59,5 @@ __all__ = [
     "is_recomputation",
     "make_router",
     "prompt_mask",
+    "routed_layers",
 ]

@@ -45,6 +45,18 @@ class Routing(NamedTuple):
     shared_gate: Optional[torch.Tensor] = None
 
 
+class RoutedLayer:
+    """A layer whose inputs its adapters' routers route (`SpaRTALayer` is one). Code that reads the routing, such as
+    `RoutingRecorder`, finds such layers by this class, so that it does not import the layer module. Such a layer
+    holds ``sparta_A_task`` (its adapters' task branches), ``active_adapters``, ``disable_adapters`` and
+    ``routing_context``, and gives `router_gates` and `router_scores` per adapter and input."""
+
+
+def routed_layers(module: nn.Module) -> list[RoutedLayer]:
+    """Every routed layer inside ``module``, in module order."""
+    return [child for child in module.modules() if isinstance(child, RoutedLayer)]
+
+
 class Router(nn.Module):
     """Decides which task branches of one adapter act on an input, and builds each task's state while it trains.
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layer import sparta_layers
 from ..utils import masked_mean
+from .base import routed_layers
 
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class RoutingRecorder:
             raise ValueError(f"quantity must be 'gates' or 'scores', got {quantity!r}.")
         self.quantity = quantity
         self.model = model
-        self.layers = sparta_layers(model)
+        self.layers = routed_layers(model)
         if not self.layers:
             raise ValueError("RoutingRecorder needs a model with SpaRTA layers.")
         self.adapter_name = adapter_name

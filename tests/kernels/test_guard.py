@@ -79,7 +79,8 @@ class WrongGated(SeededDropoutTorch):
 
 def use_namespaces(monkeypatch, gated_namespace, orthogonality_namespace=OrthogonalityTorch):
     gated_namespace.calls = 0
-    monkeypatch.setattr(guard, "triton_namespaces", lambda: (gated_namespace, orthogonality_namespace))
+    namespaces = {"gated_lowrank_triton": gated_namespace, "orthogonality_triton": orthogonality_namespace}
+    monkeypatch.setattr(guard, "triton_namespace", namespaces.__getitem__)
 
 
 def check_warnings(caught) -> list[str]:
@@ -140,6 +141,23 @@ def test_failed_check_warns_once_and_training_runs_the_torch_path(guarded, monke
     calls = namespace.calls
     train(steps=1)
     assert namespace.calls == calls, "the failed Triton namespace was used after its check"
+
+
+class WrongOrthogonality(OrthogonalityTorch):
+    @staticmethod
+    def orthogonality_forward(left, right, l1, store_grad):
+        loss, grad = OrthogonalityTorch.orthogonality_forward(left, right, l1, store_grad)
+        return 1.5 * loss, grad
+
+
+def test_the_ops_register_their_checks_and_the_guard_runs_them(guarded, monkeypatch):
+    """The guard imports no op: each op module registers its checks, which run in order on the first call."""
+    assert [check.name for check in guard.CHECKS] == [
+        "gated_lowrank", "gated_lowrank without gates", "dropout", "orthogonality_penalty",
+    ]  # fmt: skip
+    use_namespaces(monkeypatch, SeededDropoutTorch, WrongOrthogonality)
+    with pytest.warns(RuntimeWarning, match="orthogonality_penalty: norm fro: loss differs"):
+        assert resolve_backend(None, torch.ones(2)) == "torch"
 
 
 def test_check_runs_once_per_dtype(guarded, monkeypatch):
