@@ -57,7 +57,7 @@ RUN_TIME_FIELDS = frozenset(
 
 #: The per-task floor's k of ``router_abstain_spread="auto"``, chosen on the calibration splits of the benchmark's
 #: four offline suites (benchmarks/router_alternatives.py, never on scored data): of the k that keep 99% of every
-#: suite's calibration task prompts (suite b needs k >= 6), the one that abstains most on their unrelated text.
+#: suite's calibration task prompts, the one that abstains most on their unrelated text (benchmarks/README.md).
 DEFAULT_ABSTAIN_SPREAD = 6.0
 
 #: The smallest ``router_temperature``: the router divides similarities (at most 4 apart) by it, which must stay far

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from tests.test_trainer import ROWS, first_step_gradients
+from tests.helpers import ROWS, first_step_gradients
 
 
 def _worker(rank: int, port: int, folder: str) -> None:

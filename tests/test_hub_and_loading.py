@@ -17,7 +17,7 @@ from transformers.utils import hub as transformers_hub
 
 from peft_sparta import SpaRTAConfig, SpaRTALayer, SpaRTALoadError
 from tests.conftest import tiny_llama
-from tests.test_save_load import three_task_model
+from tests.helpers import three_task_model
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from peft import PeftModel
 from peft_sparta import SpaRTAConfig
 from peft_sparta.kernels.backend import ENV_VAR
 from tests.conftest import tiny_llama
-from tests.test_save_load import three_task_model
+from tests.helpers import three_task_model
 
 
 @pytest.fixture

@@ -9,11 +9,10 @@ from torch.nn import functional as F
 
 from peft_sparta import SpaRTAConfig, SpaRTALayer
 from peft_sparta.continual import calibrate_abstain_spread
+from peft_sparta.layer import sparta_layers
 from peft_sparta.routers import PrototypeRouter, Router
 from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
-
-
-LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+from tests.helpers import LLAMA_TARGETS, train_steps
 
 
 def sparta(base, **kwargs):
@@ -26,21 +25,6 @@ def sparta(base, **kwargs):
 def logits(model, input_ids):
     with torch.no_grad():
         return model(input_ids=input_ids).logits
-
-
-def train_steps(model, input_ids, steps=3, lr=1e-2, labels=None):
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
-    for _ in range(steps):
-        loss = model(input_ids=input_ids, labels=input_ids if labels is None else labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
-def sparta_layers(model):
-    return [m for m in model.modules() if isinstance(m, SpaRTALayer)]
 
 
 def snapshot(model):

@@ -21,9 +21,7 @@ from peft_sparta.routers import ComponentRouter, RoutingContext
 from peft_sparta.routers.components import orthogonal_rows, row_orthogonality
 from peft_sparta.trainer import SpaRTACallback
 from tests.conftest import Rows, tiny_llama
-from tests.test_trainer import ANSWERS, PROMPTS
-from tests.test_trainer import tiny_llama as chat_llama
-from tests.test_trainer import tokenizer as chat_tokenizer
+from tests.helpers import ANSWERS, PROMPTS, chat_llama, chat_tokenizer
 
 
 TARGETS = ["q_proj", "v_proj"]

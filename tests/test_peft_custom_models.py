@@ -1,4 +1,5 @@
-"""PEFT's own custom-model test-suite (fetched from the installed peft's sdist) passes with SpaRTA rows added."""
+"""PEFT's own custom-model test-suite (fetched from PEFT's sdist at a pinned version, checked by its sha256) passes
+with SpaRTA rows added."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.peft_suite.fetch import suite_dir
+from tests.peft_suite.fetch import SDIST_SHA256, check_sdist, suite_dir
 
 
 def test_peft_custom_model_suite_passes_for_sparta(tmp_path):
@@ -27,3 +28,10 @@ def test_peft_custom_model_suite_passes_for_sparta(tmp_path):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) > 100, summary
+
+
+def test_a_sdist_other_than_the_pinned_one_is_refused(tmp_path):
+    sdist = tmp_path / "peft-0.21.2.tar.gz"
+    sdist.write_bytes(b"not PEFT's source distribution")
+    with pytest.raises(RuntimeError, match=f"pinned to peft 0.21.2 with sha256 {SDIST_SHA256}"):
+        check_sdist(sdist)

@@ -8,7 +8,7 @@ from peft import PeftModel
 
 from examples import recipes
 from peft_sparta.continual import RoutingRecorder
-from tests.test_trainer import ANSWERS, OTHER_PROMPTS, PROMPTS, sparta_model, tiny_llama, tokenizer
+from tests.helpers import ANSWERS, OTHER_PROMPTS, PROMPTS, chat_llama, chat_sparta_model, chat_tokenizer
 
 
 FAST = {
@@ -25,8 +25,8 @@ def logits(model, ids) -> torch.Tensor:
 
 def test_chat_training_resume_and_abstain_calibration(tmp_path):
     pytest.importorskip("trl")
-    tok = tokenizer()
-    model = sparta_model(len(tok))  # task_0 seen, "add" current
+    tok = chat_tokenizer()
+    model = chat_sparta_model(len(tok))  # task_0 seen, "add" current
     pairs = [(prompt + " =", answer) for prompt, answer in zip(PROMPTS, ANSWERS)]
     trainer = recipes.train_chat_task(model, tok, pairs, str(tmp_path / "run"), steps=8, **FAST)
     penalties = [entry["sparta/orthogonality"] for entry in trainer.state.log_history if "loss" in entry]
@@ -36,7 +36,7 @@ def test_chat_training_resume_and_abstain_calibration(tmp_path):
 
     repeat = [(prompt, prompt.split()[-1]) for prompt in OTHER_PROMPTS]
     resumed = recipes.resume_sequence(
-        tiny_llama(len(tok)), str(tmp_path / "two"), "repeat",
+        chat_llama(len(tok)), str(tmp_path / "two"), "repeat",
         lambda m: recipes.train_chat_task(m, tok, repeat, str(tmp_path / "run"), steps=4, **FAST),
         str(tmp_path / "three"),
     )  # fmt: skip
@@ -45,7 +45,7 @@ def test_chat_training_resume_and_abstain_calibration(tmp_path):
     for name in (n for n in earlier if "sparta_A_task" in n or "sparta_B_task" in n):
         assert torch.equal(now[name], earlier[name]), f"{name} of an earlier task changed"
     ids = tok("add 1 and 2 =", return_tensors="pt")["input_ids"]
-    reloaded = PeftModel.from_pretrained(tiny_llama(len(tok)), str(tmp_path / "three"))
+    reloaded = PeftModel.from_pretrained(chat_llama(len(tok)), str(tmp_path / "three"))
     assert torch.equal(logits(reloaded, ids), logits(resumed, ids))
 
     task_prompts = ["add 5 and 3 =", "repeat the word sun"]

@@ -13,7 +13,8 @@ from peft_sparta.kernels import orthogonality_penalty_reference
 from tests.conftest import tiny_llama
 
 
-def sparta(tasks: int, seed: int = 0, r_task: int = 4, **kwargs):
+def sparta_with_tasks(tasks: int, seed: int = 0, r_task: int = 4, **kwargs):
+    """SpaRTA on the q and v projections of `tiny_llama` with ``tasks`` task branches, in training mode."""
     model = get_peft_model(
         tiny_llama(seed), SpaRTAConfig(target_modules=["q_proj", "v_proj"], r_shared=2, r_task=r_task, **kwargs)
     )
@@ -69,7 +70,7 @@ def test_penalty_equals_the_per_block_definition(tasks, r_task, shared_update, n
     first call (the summary is built) and the second (it is reused). With r_task=16 and 4 tasks the frozen branches
     hold more rows (50 or 48) than the layer's 32 input features: the Frobenius penalty then reads their Gram matrix,
     the l1 penalty their stack."""
-    layer = first_layer(sparta(tasks, shared_update=shared_update, orth_norm=norm, r_task=r_task))
+    layer = first_layer(sparta_with_tasks(tasks, shared_update=shared_update, orth_norm=norm, r_task=r_task))
     for _ in range(2):
         assert_penalty_is_the_definition(layer, norm)
     frozen = frozen_blocks(layer)
@@ -84,7 +85,7 @@ def test_penalty_equals_the_per_block_definition(tasks, r_task, shared_update, n
 
 
 def test_gram_summary_is_rebuilt_by_add_task_and_gives_way_to_the_stack_after_remove_task():
-    model = sparta(3, r_task=16)
+    model = sparta_with_tasks(3, r_task=16)
     layer = first_layer(model)
     layer.orthogonality_loss("default")
     gram = frozen_stack(layer)
@@ -99,7 +100,7 @@ def test_gram_summary_is_rebuilt_by_add_task_and_gives_way_to_the_stack_after_re
 
 
 def test_stack_is_built_once_per_task_and_rebuilt_by_add_and_remove_task():
-    model = sparta(3)
+    model = sparta_with_tasks(3)
     layer = first_layer(model)
     layer.orthogonality_loss("default")
     stack = frozen_stack(layer)
@@ -122,7 +123,7 @@ def test_stack_is_built_once_per_task_and_rebuilt_by_add_and_remove_task():
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 def test_stack_is_rebuilt_after_loading_a_state_dict(low_cpu_mem_usage):
     """Loading copies into the frozen branches (a new version) or, with low_cpu_mem_usage, assigns new tensors."""
-    model, other = sparta(3), sparta(3, seed=1)
+    model, other = sparta_with_tasks(3), sparta_with_tasks(3, seed=1)
     layer = first_layer(model)
     layer.orthogonality_loss("default")
     stack = frozen_stack(layer)
@@ -137,7 +138,7 @@ def test_stack_is_rebuilt_after_loading_a_state_dict(low_cpu_mem_usage):
 def test_stack_is_rebuilt_after_moves_and_casts(dtype):
     """``.to()`` drops the stack; the next penalty stacks the converted branches, also after a round trip whose new
     storage may reuse the old addresses (bf16 and back to fp32 rounds the values)."""
-    model = sparta(3)
+    model = sparta_with_tasks(3)
     layer = first_layer(model)
     layer.orthogonality_loss("default")
     model.to(dtype)
@@ -152,14 +153,14 @@ def test_stack_is_rebuilt_after_moves_and_casts(dtype):
 
 def test_eager_backend_reads_the_blocks_themselves():
     """The eager backend is the per-branch reference: no stack, the same penalty."""
-    layer = first_layer(sparta(3, kernel_backend="eager"))
+    layer = first_layer(sparta_with_tasks(3, kernel_backend="eager"))
     assert_penalty_is_the_definition(layer)
     assert frozen_stack(layer) is None
 
 
 def test_eval_mode_keeps_the_summary():
     """A loop that evaluates between training steps reuses the summary: eval mode does not drop it."""
-    model = sparta(3)
+    model = sparta_with_tasks(3)
     layer = first_layer(model)
     layer.orthogonality_loss("default")
     summary = frozen_stack(layer)

@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from peft_sparta import SpaRTAConfig
 from peft_sparta.layer import sparta_layers
 from tests.conftest import tiny_llama
-from tests.test_model import train_steps
+from tests.helpers import train_steps
 
 
 def three_tasks(router: str) -> PeftModel:

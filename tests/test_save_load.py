@@ -12,19 +12,7 @@ from safetensors.torch import load_file
 from peft_sparta import SpaRTAConfig, SpaRTALayer
 from peft_sparta.routers import PrototypeRouter
 from tests.conftest import tiny_llama
-from tests.test_model import LLAMA_TARGETS, train_steps
-
-
-def three_task_model(dtype=torch.float32, **kwargs):
-    config = SpaRTAConfig(target_modules=LLAMA_TARGETS, r_shared=2, r_task=4, task_names=["a"], **kwargs)
-    model = get_peft_model(tiny_llama(dtype=dtype), config)
-    generator = torch.Generator().manual_seed(5)
-    for index, name in enumerate(["a", "b", "c"]):
-        if index:
-            model.add_task(name)
-        batch = torch.randint(index * 30, index * 30 + 30, (3, 8), generator=generator)
-        train_steps(model, batch, steps=2)
-    return model
+from tests.helpers import LLAMA_TARGETS, three_task_model, train_steps
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

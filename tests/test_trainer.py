@@ -4,107 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import Trainer
 
 import peft_sparta  # noqa: F401
-from peft_sparta import SpaRTAConfig
 from peft_sparta.trainer import SpaRTACallback
 from tests.conftest import Rows
-
-
-PROMPTS = [f"add {a} and {b}" for a in range(6) for b in range(4)]
-ANSWERS = [str(a + b) for a in range(6) for b in range(4)]
-OTHER_PROMPTS = [f"repeat the word {w}" for w in ("red", "blue", "green", "cat", "dog", "sun")]
-
-
-#: a chat template with the `{% generation %}` markers TRL needs for ``assistant_only_loss``
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }} : "
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }} [EOS] {% endgeneration %}"
-    "{% else %}{{ message['content'] }} {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}assistant : {% endif %}"
+from tests.helpers import (
+    ANSWERS,
+    PROMPTS,
+    chat_sparta_model,
+    chat_tokenizer,
+    completion_rows,
+    first_step_gradients,
+    training_args,
 )
-
-
-def tokenizer() -> PreTrainedTokenizerFast:
-    words = {w for text in PROMPTS + ANSWERS + OTHER_PROMPTS for w in text.split()}
-    words = sorted(words | {"=", "is", "user", "assistant", ":"})
-    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=2,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
-
-
-def sparta_model(vocab_size: int, router: str = "prototype"):
-    config = SpaRTAConfig(
-        r_shared=2,
-        r_task=4,
-        target_modules=["q_proj", "v_proj", "up_proj"],
-        task_type="CAUSAL_LM",
-        router=router,
-        orth_lambda=0.5,  # off by default; these tests check how the penalty is weighed and logged
-    )
-    model = get_peft_model(tiny_llama(vocab_size), config)
-    # a first task: its branch frozen with a router state built from other inputs, so that both regularizers and a
-    # two-task router are exercised by the second task's training
-    tok = tokenizer()
-    model.train()
-    with torch.no_grad():
-        for prompt in OTHER_PROMPTS:
-            ids = tok(prompt, return_tensors="pt")["input_ids"]
-            model(input_ids=ids, labels=ids)
-    model.add_task("add")
-    return model
-
-
-def completion_rows(tok) -> list[dict]:
-    """Equal-length rows (no collator needed): prompt, answer, EOS; labels -100 on the prompt."""
-    rows = []
-    for prompt, answer in zip(PROMPTS, ANSWERS):
-        prompt_ids = tok(prompt + " =")["input_ids"]
-        answer_ids = tok(answer)["input_ids"] + [tok.eos_token_id]
-        ids = prompt_ids + answer_ids
-        rows.append(
-            {
-                "input_ids": torch.tensor(ids),
-                "attention_mask": torch.ones(len(ids), dtype=torch.long),
-                "labels": torch.tensor([-100] * len(prompt_ids) + answer_ids),
-            }
-        )
-    return rows
-
-
-def training_args(tmp_path, **overrides) -> TrainingArguments:
-    settings = {
-        "output_dir": str(tmp_path / "out"),
-        "max_steps": 16,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 2e-2,
-        "logging_steps": 4,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        "lr_scheduler_type": "constant",
-    }
-    settings.update(overrides)
-    return TrainingArguments(**settings)
 
 
 def train_logs(history: list[dict]) -> list[dict]:
@@ -129,8 +42,8 @@ def check_logs(history: list[dict], router: str = "prototype") -> None:
 
 @pytest.mark.parametrize("router", ["prototype", "learned"])
 def test_trainer_with_gradient_accumulation_logs_regularizers_and_gates(tmp_path, router):
-    tok = tokenizer()
-    model = sparta_model(len(tok), router=router)
+    tok = chat_tokenizer()
+    model = chat_sparta_model(len(tok), router=router)
     rows = completion_rows(tok)
     args = training_args(tmp_path, eval_strategy="steps", eval_steps=8, per_device_eval_batch_size=8)
     trainer = Trainer(model=model, args=args, train_dataset=Rows(rows), eval_dataset=Rows(rows[:8]))
@@ -151,8 +64,8 @@ def test_callback_values_reach_other_callbacks_through_on_log(tmp_path):
         def on_log(self, args, state, control, logs=None, **kwargs):
             seen.append(dict(logs))
 
-    tok = tokenizer()
-    model = sparta_model(len(tok))
+    tok = chat_tokenizer()
+    model = chat_sparta_model(len(tok))
     trainer = Trainer(
         model=model, args=training_args(tmp_path, max_steps=4, gradient_accumulation_steps=1, logging_steps=2),
         train_dataset=Rows(completion_rows(tok)), callbacks=[SpaRTACallback(), Spy()],
@@ -164,8 +77,8 @@ def test_callback_values_reach_other_callbacks_through_on_log(tmp_path):
 def run_sft(tmp_path, kernel_backend=None, conversational=False, **overrides):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    tok = tokenizer()
-    model = sparta_model(len(tok))
+    tok = chat_tokenizer()
+    model = chat_sparta_model(len(tok))
     if kernel_backend is not None:
         for config in model.peft_config.values():
             config.kernel_backend = kernel_backend
@@ -208,34 +121,6 @@ def test_trl_sft_trainer_bf16_autocast_eager_backend(tmp_path):
 
 def test_trl_sft_trainer_bf16_autocast_fused_backend(tmp_path):
     check_logs(run_sft(tmp_path).state.log_history)
-
-
-#: rows of one effective batch in the gradient-equivalence tests
-ROWS = 8
-
-
-def first_step_gradients(tmp_path, batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
-    """The adapter's gradients at the Trainer's first optimizer step, for one effective batch of 8 rows."""
-    tok = tokenizer()
-    model = sparta_model(len(tok))
-    for config in model.peft_config.values():
-        config.orth_lambda = 50.0  # the penalty dominates, so a wrong weight shows
-    grads = {}
-
-    def capture(optimizer, args, kwargs):
-        if not grads:
-            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-
-    handle = register_optimizer_step_pre_hook(capture)
-    try:
-        args = training_args(
-            tmp_path, max_steps=1, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-            max_grad_norm=0.0,
-        )  # fmt: skip
-        Trainer(model=model, args=args, train_dataset=Rows(completion_rows(tok)[:ROWS])).train()
-    finally:
-        handle.remove()
-    return grads
 
 
 def test_gradient_accumulation_does_not_change_the_gradient(tmp_path):

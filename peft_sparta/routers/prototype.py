@@ -31,13 +31,15 @@ EMPTY_TASK_SCORE = -2.0
 
 #: Weight of the identity in the covariance of ``router_metric="discriminant"``, in units of the mean variance of the
 #: within-task spread (`discriminant_transform`). Chosen on the calibration splits of the benchmark's translation
-#: suite and suite (a), never on scored data: 0.3, 1 and 3 route them equally well, 1 is the middle (README).
+#: suite and suite (a), never on scored data, in the middle of the values that route them equally well
+#: (benchmarks/README.md).
 DISCRIMINANT_SHRINKAGE = 1.0
 
 #: Factor of the discriminant similarities before the gates' softmax: they spread wider than plain cosine
 #: similarities, so that under the default ``router_temperature`` (0.02) text of no task would go almost wholly to one
-#: branch. 0.25 makes the default act as 0.08 on them, the softest temperature at which every task of the
-#: calibration splits (translation suite and suite a, never scored) keeps 95% of its gates on its own branch (README).
+#: branch. Under the scale the default acts as 0.08 (0.02 / 0.25), chosen as the softest temperature at which every
+#: task of the calibration splits (translation suite and suite a, never scored) keeps 95% of its gates on its own
+#: branch (benchmarks/README.md).
 DISCRIMINANT_SCORE_SCALE = 0.25
 
 

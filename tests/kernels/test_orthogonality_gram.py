@@ -7,8 +7,7 @@ import torch
 
 from peft_sparta.kernels.orthogonality_gram import gram_matrix, gram_orthogonality_penalty
 
-from .conftest import dtype_supported
-from .test_orthogonality import DEFINITION_TOLERANCES, DLOSS, definition, make_inputs
+from .conftest import DEFINITION_TOLERANCES, DLOSS, definition, dtype_supported, make_inputs
 
 
 # (rows of left, frozen rows, in_features): more frozen rows than features (where layers use it), fewer, and one.

@@ -4,19 +4,18 @@ The Triton interpreter (test_triton_interpreter.py) accepts code that the compil
 also compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``. The variants are derived from
 the launchers (triton_variants.record_variants runs `gated_lowrank` and `orthogonality_penalty`, forward and backward,
 over fp32 / bf16 / fp16, fp32 under bf16 / fp16 autocast, every flag and sizes that reach every block size, and binds
-each launch as Triton would for a CUDA device): 448 variants of the 5 kernels today. Compiled (535 compilations):
+each launch as Triton would for a CUDA device). Compiled:
 
 - for sm_80 (A100), every variant through Triton's front end and GPU passes (source -> TTIR -> TTGIR): the type,
   shape, constexpr-branch and layout errors the interpreter lets through;
-- for sm_80, sm_89 (L4, RTX 4090) and sm_90 (H100), a covering subset (29 variants today: every parameter type,
-  every constexpr value, including each block size, each integer specialisation and each divisibility attribute of
-  every kernel at least once) all the way to cubin: LLVM, the NVPTX backend and ptxas, then the kernel's shared
-  memory against the architecture's per-block limit.
+- for sm_80, sm_89 (L4, RTX 4090) and sm_90 (H100), a covering subset (every parameter type, every constexpr value,
+  including each block size, each integer specialisation and each divisibility attribute of every kernel at least
+  once) all the way to cubin: LLVM, the NVPTX backend and ptxas, then the kernel's shared memory against the
+  architecture's per-block limit.
 
-Compiling every variant to cubin for every target would take about 10 CPU-minutes, hence the split. This takes about
-65 CPU-seconds in a process pool with a fresh Triton cache (about 40 s on 2 idle cores; 80-90 s measured on 2 cores
-shared with other test runs). It needs Triton's NVIDIA backend (with its bundled ptxas), not a GPU, and fails with the
-compiler's message.
+Compiling every variant to cubin for every target would take many times longer, hence the split; the compilations run
+in a process pool. It needs Triton's NVIDIA backend (with its bundled ptxas), not a GPU, and fails with the compiler's
+message.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Fetch PEFT's custom-model test-suite from the source distribution of the installed peft and add SpaRTA's rows.
+"""Fetch PEFT's custom-model test-suite from PEFT's source distribution at a pinned version and add SpaRTA's rows.
 
-The suite is not copied into this repository: `suite_dir()` downloads the sdist with pip (the package registry is
-the one network access the test machines have), extracts tests/test_custom_models.py and the helpers it imports into
-a cache folder, and patches the row lists to append the rows of sparta_rows.py.
+The suite is not copied into this repository: `suite_dir()` downloads the sdist of peft `PEFT_VERSION` with pip (the
+package registry is the one network access the test machines have), checks the file against `SDIST_SHA256` (PyPI's
+digest of it), extracts tests/test_custom_models.py and the helpers it imports into a cache folder, and patches the
+row lists to append the rows of sparta_rows.py. The suite runs against the installed peft, which pyproject.toml keeps
+within the pinned minor version; to move the pin, change `PEFT_VERSION` and `SDIST_SHA256` together.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import peft
 
-
+#: The peft release whose test-suite runs, and the sha256 of its source distribution on PyPI.
+PEFT_VERSION = "0.21.2"
+SDIST_SHA256 = "b803ccfb3f3f316004d850284306687833a2235ea278fb56abc856203456142e"
 SUITE_FILES = ("test_custom_models.py", "testing_common.py", "testing_utils.py")
 ROW_IMPORT = (
     "from .sparta_rows import SPARTA_MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES, SPARTA_TEST_CASES, skip_merging_for\n"
@@ -43,7 +46,7 @@ def cache_root() -> Path:
 def suite_dir() -> Path:
     """Folder holding the patched suite as package ``tests`` (with a stubs folder for missing optional imports)."""
     digest = hashlib.sha256(repr((ROW_IMPORT, PATCHES)).encode()).hexdigest()[:8]  # patches changed: extract again
-    root = cache_root() / f"peft-{peft.__version__}-custom-models-{digest}"
+    root = cache_root() / f"peft-{PEFT_VERSION}-{SDIST_SHA256[:12]}-custom-models-{digest}"
     package = root / "tests"
     if not (package / "test_custom_models.py").exists():
         _extract(package)
@@ -53,14 +56,14 @@ def suite_dir() -> Path:
 
 def _extract(package: Path) -> None:
     with tempfile.TemporaryDirectory() as download:
-        command = [sys.executable, "-m", "pip", "download", f"peft=={peft.__version__}", "--no-binary", ":all:"]
+        command = [sys.executable, "-m", "pip", "download", f"peft=={PEFT_VERSION}", "--no-binary", ":all:"]
         command += ["--no-deps", "-d", download, "-q"]
         subprocess.run(command, check=True, capture_output=True)
         (sdist,) = Path(download).glob("peft-*.tar.gz")
+        check_sdist(sdist)
         with tarfile.open(sdist) as archive:
             sources = {
-                name: archive.extractfile(f"peft-{peft.__version__}/tests/{name}").read().decode()
-                for name in SUITE_FILES
+                name: archive.extractfile(f"peft-{PEFT_VERSION}/tests/{name}").read().decode() for name in SUITE_FILES
             }
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")
@@ -69,6 +72,17 @@ def _extract(package: Path) -> None:
     stubs = package.parent / "stubs" / "diffusers"
     stubs.mkdir(parents=True, exist_ok=True)
     (stubs / "__init__.py").write_text(DIFFUSERS_STUB)
+
+
+def check_sdist(path: Path) -> None:
+    """Raise unless ``path`` is the pinned sdist, byte for byte (its sha256 is `SDIST_SHA256`)."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != SDIST_SHA256:
+        raise RuntimeError(
+            f"{path.name} has sha256 {digest}, but PEFT's custom-model suite is pinned to peft {PEFT_VERSION} with "
+            f"sha256 {SDIST_SHA256} (tests/peft_suite/fetch.py). The download is not PyPI's file for that release: "
+            "retry it, or, when moving the pin to another peft, update PEFT_VERSION and SDIST_SHA256 together."
+        )
 
 
 def _patch(source: str) -> str:
@@ -84,7 +98,7 @@ def _single_line(lines: list[str], start: str) -> int:
     matches = [index for index, line in enumerate(lines) if line.startswith(start)]
     if len(matches) != 1:
         raise RuntimeError(
-            f"PEFT {peft.__version__}'s test_custom_models.py has {len(matches)} lines starting with {start!r}; the "
+            f"PEFT {PEFT_VERSION}'s test_custom_models.py has {len(matches)} lines starting with {start!r}; the "
             "suite's layout changed, update tests/peft_suite/fetch.py."
         )
     return matches[0]
