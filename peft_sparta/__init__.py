@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from .config import SpaRTAConfig
 from .errors import SpaRTALoadError
+from .export.task_router import TaskRouter
 from .layer import Linear, SpaRTALayer
 from .model import SpaRTAModel
 from .registration import PEFT_TYPE_SPARTA, install
-from .routers.standalone import TaskRouter
 
 
 __version__ = "0.1.0.dev0"

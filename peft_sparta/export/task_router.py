@@ -15,9 +15,9 @@ from torch import nn
 from ..checkpoint import current_key
 from ..config import QUERY_SCATTER_FORMAT_VERSION, SpaRTAConfig
 from ..errors import SpaRTALoadError
-from ..export import check_exportable_config, check_routing
+from ..routers import Router, RoutingContext, make_router, prompt_mask
 from ..utils import masked_mean
-from . import Router, RoutingContext, make_router, prompt_mask
+from . import check_exportable_config, check_routing
 
 
 ROUTER_KEY = ".sparta_router."
