@@ -82,11 +82,23 @@ def test_every_module_imports_first_in_a_fresh_process():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
 
 
+def runtime_nodes(node: ast.AST):
+    """Every node under ``node`` that can run: all of them but the bodies of ``if TYPE_CHECKING:``."""
+    for child in ast.iter_child_nodes(node):
+        test = child.test if isinstance(child, ast.If) else None
+        if test is not None and "TYPE_CHECKING" in {getattr(test, "id", None), getattr(test, "attr", None)}:
+            yield from (grandchild for orelse in child.orelse for grandchild in [orelse, *runtime_nodes(orelse)])
+            continue
+        yield child
+        yield from runtime_nodes(child)
+
+
 def imported_modules(path: Path, name: str, modules: set[str]) -> set[str]:
-    """The modules of ``modules`` that the file imports, from imports anywhere in it (also inside functions)."""
+    """The modules of ``modules`` that the file imports, from imports anywhere in it (also inside functions; not those
+    under ``if TYPE_CHECKING:``, which never run)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -148,12 +160,15 @@ def test_the_import_graph_has_no_cycle():
     assert cycle is None, "import cycle between subpackages: " + " -> ".join(cycle)
 
 
-def test_find_cycle_known_answers():
+def test_find_cycle_known_answers(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     merged = subpackage_graph({"peft_sparta.routers.recorder": {"peft_sparta.layer"}, "peft_sparta.layer": {
         "peft_sparta.routers"}, "peft_sparta.routers": set()})  # fmt: skip
     assert find_cycle(merged) == ["peft_sparta.layer", "peft_sparta.routers", "peft_sparta.layer"]
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\nelse:\n    from . import b\n"
+    (tmp_path / "m.py").write_text(source)
+    assert imported_modules(tmp_path / "m.py", "p.m", {"p.a", "p.b"}) == {"p.b"}
 
 
 def test_public_continual_names():
