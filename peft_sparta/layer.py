@@ -13,11 +13,17 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SpaRTAConfig
 from .initialization import init_branch, scaling
-from .kernels import gated_lowrank
+from .kernels import StackedBlocks, gated_lowrank, gated_lowrank_stacked, stack_blocks
 from .quantization import check_mergeable, warn_requantization
 from .regularizers import LayerRegularizers
 from .routers import Branches, RoutedLayer, Router, Routing, RoutingContext, TaskBranches, make_router
+from .utils import tensor_states
 from .variants import TaskBranchVariant, task_branch_variant
+
+
+#: How many sets of routed task branches each layer keeps stacked per adapter for inference (`inference_blocks`): a
+#: batch routed to another set stacks it once more and drops the oldest.
+STACKED_SETS = 8
 
 
 class SpaRTALayer(BaseTunerLayer, LayerRegularizers, RoutedLayer):
@@ -45,6 +51,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers, RoutedLayer):
         "forced_task",
         "merged_task",
         "sparta_frozen_summary",
+        "sparta_inference_blocks",
     )
 
     def __init__(
@@ -67,6 +74,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers, RoutedLayer):
         self.forced_task: dict[str, Optional[int]] = {}
         self.merged_task: dict[str, int] = {}
         self.sparta_frozen_summary: dict[str, tuple] = {}  # see LayerRegularizers._frozen_summary
+        self.sparta_inference_blocks: dict[str, dict] = {}  # see inference_blocks
         self.routing_context: Optional[RoutingContext] = None
         self._disable_adapters = False
         self.merged_adapters = []
@@ -127,6 +135,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers, RoutedLayer):
             for param in self.adapter_parameters(adapter_name):
                 param.requires_grad_(False)
         self._freeze_finished(adapter_name)
+        self.sparta_inference_blocks.pop(adapter_name, None)
 
     def remove_task(self, adapter_name: str, index: int) -> None:
         """Drop task ``index``'s branch and router state, as if it had never been added: the last remaining task is
@@ -144,6 +153,7 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers, RoutedLayer):
             for param in self.adapter_parameters(adapter_name):
                 param.requires_grad_(True)
         self._freeze_finished(adapter_name)
+        self.sparta_inference_blocks.pop(adapter_name, None)
 
     def _append_task_branch(self, adapter_name: str) -> None:
         """Append a new task branch in the dtype of the existing ones (initialised on the next ranks with
@@ -289,6 +299,69 @@ class SpaRTALayer(BaseTunerLayer, LayerRegularizers, RoutedLayer):
             recompute=config.recompute_activations,
         )
 
+    def inference_delta(self, adapter_name: str, x: torch.Tensor, routing: Routing) -> Optional[torch.Tensor]:
+        """The adapter's contribution for ``x`` as `adapter_delta` computes it, from the shared and the routed task
+        branches stacked once per weight version (`inference_blocks`), with no autograd Function, whatever the
+        kernel backend; None when the call needs the general path: in training mode, and when a gradient is wanted
+        (grad mode on and the input, a routed branch or the gates requiring grad)."""
+        if self.training:
+            return None
+        gates, shared_gate = routing.gates, routing.shared_gate
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(g is not None and g.requires_grad for g in (gates, shared_gate))
+        ):
+            return None
+        shared = self.r_shared[adapter_name] > 0
+        if not routing.tasks and not shared:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        gated_shared = shared and shared_gate is not None
+        stacked = self.inference_blocks(adapter_name, tuple(routing.tasks), gated_shared)
+        if stacked is None:
+            return None
+        if gated_shared:
+            ones = shared_gate.new_ones(*shared_gate.shape[:-1], len(routing.tasks))
+            gates = torch.cat([shared_gate, ones if gates is None else gates], dim=-1)
+        elif not routing.tasks:
+            gates = None
+        return gated_lowrank_stacked(self._cast_input_dtype(x, stacked.down.dtype), stacked, gates)
+
+    def inference_blocks(self, adapter_name: str, tasks: tuple[int, ...], gated_shared: bool = False):
+        """The shared branch and the task branches ``tasks`` stacked for `gated_lowrank_stacked` (scales folded in),
+        or None when a gradient is wanted from one of them (grad mode on and the branch trainable).
+
+        Built once per weight version and kept per set of tasks (at most `STACKED_SETS` sets per adapter, the oldest
+        dropped first), so that inference does not concatenate the blocks again at every call. An entry is used
+        only while its blocks keep their storage and version counter (`tensor_states`), which every in-place change
+        bumps (optimizer steps, editing a weight under ``torch.no_grad()``); `add_task`, `remove_task`, loading a
+        state dict, switching to training mode and moving or casting the layer drop every entry. Writes through
+        ``.data`` bypass the version counter and assigning a new tensor to a branch is not seen: call
+        ``model.train()`` after them.
+        """
+        cache = self.sparta_inference_blocks.setdefault(adapter_name, {})
+        key = (tasks, gated_shared)
+        cached = cache.get(key)
+        if cached is None or not _unchanged(cached[0]):
+            cache.pop(key, None)
+            while len(cache) >= STACKED_SETS:
+                cache.pop(next(iter(cache)))
+            a_tasks, b_tasks = self.sparta_A_task[adapter_name], self.sparta_B_task[adapter_name]
+            blocks = [*self._shared_branch(adapter_name)]
+            for task in tasks:
+                blocks += (a_tasks[task], b_tasks[task])
+            cached = cache[key] = (tensor_states(blocks), self._stack(adapter_name, blocks, gated_shared))
+        if torch.is_grad_enabled() and any(block.requires_grad for block, *_ in cached[0]):
+            return None
+        return cached[1]
+
+    def _stack(self, adapter_name: str, blocks: list[torch.Tensor], gated_shared: bool) -> StackedBlocks:
+        """`stack_blocks` of [A_shared, B_shared, A_k, B_k, ...] (the shared branch first when there is one), the
+        shared branch ungated unless ``gated_shared``."""
+        shared = adapter_name in self.sparta_A_shared
+        scales = [self.scaling_task[adapter_name]] * (len(blocks) // 2 - int(shared))
+        if shared:
+            scales.insert(0, self.scaling_shared[adapter_name])
+        return stack_blocks(blocks[0::2], blocks[1::2], scales, ungated=int(shared and not gated_shared))
+
     def _merge_task(self, adapter_name: str) -> int:
         """The task whose branch a merge folds into the weight: the forced one, or the one the variant allows (the
         only one of a per-task adapter), else a ValueError saying how to merge."""
@@ -314,6 +387,7 @@ class Linear(nn.Module, SpaRTALayer):
     ) -> None:
         super().__init__()
         SpaRTALayer.__init__(self, base_layer, fan_in_fan_out=fan_in_fan_out, **kwargs)
+        self.register_load_state_dict_post_hook(_drop_inference_blocks)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, granularity, query_dim, router_owner)
 
@@ -373,23 +447,44 @@ class Linear(nn.Module, SpaRTALayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for adapter_name in self.active_adapters:
-            if adapter_name not in self.sparta_A_task:
+            if adapter_name not in self.sparta_settings:
                 continue
             routing = self.route(adapter_name, x)
-            delta = self.adapter_delta(adapter_name, x, routing.tasks, routing.gates, routing.shared_gate)
+            delta = self.inference_delta(adapter_name, x, routing)
+            if delta is None:
+                delta = self.adapter_delta(adapter_name, x, routing.tasks, routing.gates, routing.shared_gate)
             result = result + delta.to(result.dtype)
             if self.training:
                 result = self._attach_regularizers(adapter_name, result, routing.loss)
         return result
 
     def _apply(self, fn, *args, **kwargs):
-        """Moves and casts (``.to()``, ``.half()``, ...) also drop the summaries of frozen branches, rebuilt at the next
-        training step from the converted blocks: the new storage may reuse the old one's address."""
+        """Moves and casts (``.to()``, ``.half()``, ...) also drop the summaries of frozen branches and the stacked
+        inference blocks, rebuilt at their next use from the converted blocks: the new storage may reuse the old
+        one's address."""
         self.sparta_frozen_summary.clear()
+        self.sparta_inference_blocks.clear()
         return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Switching to training mode drops the stacked inference blocks: training changes the branches, and their
+        copies would only hold memory until the next inference stacks them again."""
+        if mode:
+            self.sparta_inference_blocks.clear()
+        return super().train(mode)
 
     def __repr__(self) -> str:
         return "sparta." + super().__repr__()
+
+
+def _unchanged(states: list[tuple]) -> bool:
+    """Whether every tensor of `tensor_states` ``states`` keeps its storage and version."""
+    return all(tensor.data_ptr() == pointer and tensor._version == version for tensor, pointer, version in states)
+
+
+def _drop_inference_blocks(layer: SpaRTALayer, incompatible_keys) -> None:
+    """Load-state-dict post-hook: loading copies into the branches or assigns new ones, so the stacks are stale."""
+    layer.sparta_inference_blocks.clear()
 
 
 def sparta_layers(module: nn.Module) -> list[SpaRTALayer]:

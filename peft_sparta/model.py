@@ -35,7 +35,7 @@ from .optimizer_guard import guard_optimizers_of
 from .quantization import quantization_backend
 from .restoration import RestorePoint, count_optimizer_steps_of, restore, take_restore_point
 from .routers import Router, RoutingContext
-from .routers.context import CACHED_EMBEDDING_SUMS, CACHED_QUERY, CACHED_SUMS, kv_cache
+from .routers.context import CACHED_DECISIONS, CACHED_EMBEDDING_SUMS, CACHED_QUERY, CACHED_SUMS, kv_cache
 
 
 #: Every SpaRTA tuner alive in this process (to tell whether a config object is shared between models).
@@ -295,6 +295,7 @@ class SpaRTAModel(BaseTuner):
         forward = self.routing_context.forward
         if forward.sequence_query is not None:
             setattr(cache, CACHED_QUERY, forward.sequence_query)
+            setattr(cache, CACHED_DECISIONS, (dict(forward.sequence_gates), dict(forward.sequence_routings)))
         if forward.embedding_sums is not None:
             setattr(cache, CACHED_EMBEDDING_SUMS, forward.embedding_sums)
         if forward.sequence_sums:

@@ -207,10 +207,7 @@ def test_sequence_routing_scores_each_input_once_per_forward_and_gives_each_laye
     routed_once = logits(model, mixed)
     assert len(calls) == 1, "every adapted layer shares the adapter's sequence routing"
 
-    def decide_per_layer(self, x, context, branches):
-        return self.gates(self.queries(x, context), branches)
-
-    monkeypatch.setattr(Router, "decide", decide_per_layer)
+    monkeypatch.setattr(Router, "_decides_per_sequence", lambda self, context: False)  # every layer decides itself
     routed_per_layer = logits(model, mixed)
     assert len(calls) == 1 + len(sparta_layers(model))
     torch.testing.assert_close(routed_once, routed_per_layer, rtol=0, atol=0)

@@ -11,7 +11,7 @@ config validates against.
 from __future__ import annotations
 
 from .backend import BACKENDS, Backend
-from .gated_lowrank import gated_lowrank, gated_lowrank_reference
+from .gated_lowrank import StackedBlocks, gated_lowrank, gated_lowrank_reference, gated_lowrank_stacked, stack_blocks
 from .orthogonality import NORMS, Norm, orthogonality_penalty, orthogonality_penalty_reference
 
 
@@ -20,8 +20,11 @@ __all__ = [
     "NORMS",
     "Backend",
     "Norm",
+    "StackedBlocks",
     "gated_lowrank",
     "gated_lowrank_reference",
+    "gated_lowrank_stacked",
     "orthogonality_penalty",
     "orthogonality_penalty_reference",
+    "stack_blocks",
 ]

@@ -6,13 +6,16 @@ Block 0 is usually the shared branch (gate 1), the others are task branches gate
 implementations: the eager per-branch reference (what tests compare against, and the "eager" backend), and one fused
 `torch.autograd.Function` whose element-wise steps (input dropout, per-column gate and scale) come from an
 implementation namespace that `gated_lowrank` picks once per call: `GatedLowRankTorch` below ("torch", any device) or
-the module gated_lowrank_triton ("triton", CUDA; imported only then), which expose the same functions.
+the module gated_lowrank_triton ("triton", CUDA; imported only then), which expose the same functions. At inference,
+where no gradient is wanted, `gated_lowrank_stacked` computes the same product from blocks stacked once
+(`stack_blocks`) with plain torch ops: two GEMMs, as LoRA's, and no autograd Function.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -299,6 +302,48 @@ def gated_lowrank(
         impl = GatedLowRankTorch
     out = GatedLowRankFunction.apply(flat_x, flat_gates, scales, p, impl, bool(recompute), *a_blocks, *b_blocks)
     return out.reshape(*lead, out.shape[-1])
+
+
+class StackedBlocks(NamedTuple):
+    """Blocks stacked once for inference (`stack_blocks`): what `gated_lowrank_stacked` multiplies.
+
+    down: A = [A_1; ...; A_n] (R, in). up: [s_1 B_1, ..., s_n B_n] (out, R), each block's scale folded in.
+    gate_columns: (n - ungated, R), row j is 1 on the columns of block ungated + j (the gated blocks), 0 elsewhere.
+    fixed_columns: (R,), 1 on the columns of the first ``ungated`` blocks (gate 1 always), 0 elsewhere.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    gate_columns: torch.Tensor
+    fixed_columns: torch.Tensor
+
+
+@torch.no_grad()
+def stack_blocks(
+    a_blocks: Sequence[torch.Tensor], b_blocks: Sequence[torch.Tensor], scales: Sequence[float], ungated: int = 0
+) -> StackedBlocks:
+    """Stack the blocks for `gated_lowrank_stacked`, as copies without autograd history: the first ``ungated`` blocks
+    (the shared branch) always count with gate 1, the others take the gates given at each call."""
+    ranks = [a.shape[0] for a in a_blocks]
+    down = torch.cat([a.detach() for a in a_blocks])
+    up = torch.cat([b.detach() * scale for b, scale in zip(b_blocks, scales)], dim=1)
+    membership = torch.block_diag(*[down.new_ones(1, rank) for rank in ranks])
+    return StackedBlocks(down, up, membership[ungated:], membership[:ungated].sum(dim=0))
+
+
+def gated_lowrank_stacked(x: torch.Tensor, stacked: StackedBlocks, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_i scale_i * gate_i * B_i A_i x`` from `stack_blocks`' blocks, for inference: no dropout, no autograd
+    Function, two GEMMs and, with gates, one per-column factor.
+
+    gates: None when every block has gate 1, else the gates of the gated blocks, broadcastable to
+    x.shape[:-1] + (n_gated,) as in `gated_lowrank`.
+    """
+    h = F.linear(x, stacked.down)
+    if gates is not None:
+        flat = gates.reshape(-1, gates.shape[-1]).to(stacked.gate_columns.dtype)
+        factors = torch.addmm(stacked.fixed_columns, flat, stacked.gate_columns)
+        h = h * factors.view(*gates.shape[:-1], factors.shape[-1]).to(h.dtype)
+    return F.linear(h, stacked.up)
 
 
 # ---- the first-use guard's checks of gated_lowrank_triton (guard.py) ----------------------------------------------

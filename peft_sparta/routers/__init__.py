@@ -16,6 +16,7 @@ from .base import (
     gates_from_scores,
     is_recomputation,
     routed_layers,
+    select_branches,
 )
 from .components import ComponentRouter
 from .context import IGNORE_INDEX, RoutingContext, prompt_mask
@@ -60,4 +61,5 @@ __all__ = [
     "make_router",
     "prompt_mask",
     "routed_layers",
+    "select_branches",
 ]

@@ -177,18 +177,27 @@ class Router(nn.Module):
 
         In training the current task is routed to its own branch while the router learns it (not again when
         gradient checkpointing recomputes the forward in backward); at inference the router decides per input,
-        computing only the branches some input uses.
+        computing only the branches some input uses (`select_branches`). Under sequence routing that choice is made
+        once per forward by the first layer that routes, and a generation decode step reuses its prefill's (kept
+        with the KV cache, see `RoutingContext.begin_forward`): neither scores nor reads the gates again, so
+        settings changed on the config during a generation apply from its next prompt.
         """
         tasks = len(branches)
         if training:
             if not is_recomputation():
                 self.learn(x, context, branches)
             return Routing([tasks - 1], None, self.loss(x, context, branches))
-        if self._is_constant(tasks):
-            return Routing([0])
-        gates = self.decide(x, context, branches)
-        used = gates.reshape(-1, tasks).amax(dim=0).nonzero().flatten().tolist()
-        return Routing(used, gates[..., used])
+        if self.granularity != "sequence" or context is None:
+            return Routing([0]) if self._is_constant(tasks) else select_branches(self.decide(x, context, branches))
+        key = (id(self.state_owner), tasks)
+        routing = context.sequence_routings.get(key)
+        if routing is None:
+            constant = self._is_constant(tasks)
+            routing = Routing([0]) if constant else select_branches(self.decide(x, context, branches))
+            context.sequence_routings[key] = routing
+        if routing.gates is not None and routing.gates.dim() != x.dim():
+            routing = routing._replace(gates=_per_sequence(routing.gates, x))
+        return routing
 
     def decide(self, x: torch.Tensor, context: Optional[RoutingContext], branches: Branches) -> torch.Tensor:
         """The gates (..., tasks) the router gives ``x`` at inference, with no side effect.
@@ -198,16 +207,24 @@ class Router(nn.Module):
         per layer)."""
         if self._is_constant(len(branches)):
             return torch.ones(*x.shape[:-1], 1, device=x.device)
-        if self.granularity != "sequence" or self.training or context is None:
+        if not self._decides_per_sequence(context):
             return self.gates(self.queries(x, context), branches)
-        config = self.config
-        key = (id(self.state_owner), len(branches), config.router_temperature, config.top_k,
-               config.router_abstain_threshold, self.abstain_spread, self.metric)  # fmt: skip
+        key = self._decision_key(len(branches))
         gates = context.sequence_gates.get(key)
         if gates is None:
             gates = self.gates(self.queries(x, context), branches)
             context.sequence_gates[key] = gates
-        return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), gates.shape[-1])
+        return _per_sequence(gates, x)
+
+    def _decides_per_sequence(self, context: Optional[RoutingContext]) -> bool:
+        """Whether one decision serves every layer of a forward: sequence routing at inference, within a model."""
+        return self.granularity == "sequence" and not self.training and context is not None
+
+    def _decision_key(self, tasks: int) -> tuple:
+        """What a sequence-routing decision depends on besides the input: the router state and the settings."""
+        config = self.config
+        return (id(self.state_owner), tasks, config.router_temperature, config.top_k,
+                config.router_abstain_threshold, self.abstain_spread, self.metric)  # fmt: skip
 
     @property
     def state_owner(self) -> Router:
@@ -242,6 +259,23 @@ def gates_from_scores(
         kth_best = choice.topk(top_k, dim=-1).values[..., -1:]
         choice = choice.masked_fill(choice < kth_best, float("-inf"))
     return torch.softmax(choice / temperature, dim=-1) * routed
+
+
+def select_branches(gates: torch.Tensor) -> Routing:
+    """The task branches that some input's ``gates`` (..., tasks) use, with the gates of those branches, or no gates
+    when every input has gate 1 on the one branch used (its plain low-rank product, as LoRA's). Reads the gates on the
+    host once (one device synchronisation)."""
+    flat = gates.detach().reshape(-1, gates.shape[-1])
+    used_flags, full_flags = torch.stack([flat.ne(0).any(dim=0), flat.eq(1).all(dim=0)]).tolist()
+    used = [task for task, flag in enumerate(used_flags) if flag]
+    if len(used) == 1 and full_flags[used[0]] and not gates.requires_grad:
+        return Routing(used)
+    return Routing(used, gates[..., used])
+
+
+def _per_sequence(gates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sequence gates (batch, ..., n) shaped to broadcast over the positions of the layer input ``x``."""
+    return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), gates.shape[-1])
 
 
 def random_projection(source_dim: int, target_dim: int) -> torch.Tensor:

@@ -21,6 +21,10 @@ CACHED_QUERY = "_sparta_sequence_query"
 #: Attribute of a KV cache that holds the component routers' per-sequence sums over the tokens it holds.
 CACHED_SUMS = "_sparta_sequence_sums"
 
+#: Attribute of a KV cache that holds the sequence-routing decisions of its prefill (gates and selected branches),
+#: which its decode steps reuse without scoring again.
+CACHED_DECISIONS = "_sparta_sequence_decisions"
+
 #: Attribute of a KV cache that holds the sum of the embeddings of the tokens it holds and their number, per sequence.
 CACHED_EMBEDDING_SUMS = "_sparta_embedding_sums"
 
@@ -49,6 +53,8 @@ class ForwardRouting:
     cached_sums: the same sums read from the KV cache that a decode step continues.
     sequence_gates: per router state and settings, the inference gates of this forward under sequence routing,
         computed by the first layer that routes and read by the others (see `Router.decide`).
+    sequence_routings: the same for the branches those gates select (see `Router.route`); both are kept with the KV
+        cache and reused by its decode steps.
     regularization: the weighted regularizers of this forward, summed over layers (detached, for logging).
     embedding_sums: under sequence routing, the sum (batch, dim) of the embeddings of the sequence's tokens (this
         forward's and the cached ones) and their number (batch, 1), kept with the KV cache for the next forward.
@@ -60,6 +66,7 @@ class ForwardRouting:
     sequence_sums: dict = field(default_factory=dict)
     cached_sums: dict = field(default_factory=dict)
     sequence_gates: dict = field(default_factory=dict)
+    sequence_routings: dict = field(default_factory=dict)
     regularization: dict[str, torch.Tensor] = field(default_factory=dict)
     embedding_sums: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -89,6 +96,7 @@ class RoutingContext:
     sequence_sums = _forward_field("sequence_sums")
     cached_sums = _forward_field("cached_sums")
     sequence_gates = _forward_field("sequence_gates")
+    sequence_routings = _forward_field("sequence_routings")
     regularization = _forward_field("regularization")
 
     def __init__(self, penalty_scale: float = 1.0, **forward) -> None:
@@ -125,8 +133,9 @@ class RoutingContext:
         The sequence query is the mean of the embeddings of the whole sequence: a forward that extends a KV cache by
         several tokens (a reused prompt cache, chunked prefill) adds them to the cached tokens' sum, kept with the
         cache, so that it routes as one forward of the whole sequence would. A decode step (one new token) keeps the
-        query its cache holds, decided at prefill (so interleaved conversations, each with its cache, keep their own
-        routing), and adds its token to the sum; a decode step whose cache holds no query is routed from its own
+        query its cache holds, decided at prefill, and the gates and branches chosen for it (so interleaved
+        conversations, each with its cache, keep their own routing, and a decode step neither scores nor reads
+        gates), and adds its token to the sum; a decode step whose cache holds no query is routed from its own
         token. It also reads the component routers' sums over the cached tokens, to which it adds its own.
         """
         forward = ForwardRouting()
@@ -156,6 +165,8 @@ class RoutingContext:
         cached_query = getattr(cache, CACHED_QUERY, None)
         if length == 1 and cached_query is not None and cached_query.shape[0] == batch:
             forward.sequence_query = cached_query
+            gates, routings = getattr(cache, CACHED_DECISIONS, ({}, {}))
+            forward.sequence_gates, forward.sequence_routings = dict(gates), dict(routings)
             return
         if cache is not None and length > 1:
             warnings.warn(CONTINUATION_WARNING, stacklevel=2)

@@ -20,6 +20,7 @@ class SharedRouter(Router):
     def __init__(self, owner: Router) -> None:
         nn.Module.__init__(self)
         self.__dict__["owner"] = owner  # not a submodule: the state belongs to, and is saved with, the owner's layer
+        self.granularity = owner.granularity  # fixed at construction; read at every call, so held here
 
     @property
     def config(self):
