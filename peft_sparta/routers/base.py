@@ -187,7 +187,7 @@ class Router(nn.Module):
             if not is_recomputation():
                 self.learn(x, context, branches)
             return Routing([tasks - 1], None, self.loss(x, context, branches))
-        if self.granularity != "sequence" or context is None:
+        if not self._decides_per_sequence(context):
             return Routing([0]) if self._is_constant(tasks) else select_branches(self.decide(x, context, branches))
         key = (id(self.state_owner), tasks)
         routing = context.sequence_routings.get(key)

@@ -406,7 +406,7 @@ def test_imports_and_runs_without_triton():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_auto_backend_matches_reference(dtype, monkeypatch):
     """On CUDA the default backend is Triton (compiled kernels, unless this process interprets them)."""
     pytest.importorskip("triton")
