@@ -183,7 +183,8 @@ class SpaRTAConfig(PeftConfig):
             but ignored when an adapter is loaded (every config read from a file has None, whatever name it holds), so
             an adapter trained with "triton"
             loads and runs on a CPU-only machine and uses the guarded default on CUDA. Set it at run time on the
-            loaded config (``model.peft_config[name].kernel_backend``) or with SPARTA_KERNEL_BACKEND.
+            loaded config (``model.peft_config[name].kernel_backend``) or with SPARTA_KERNEL_BACKEND. It chooses the
+            training path: inference that wants no gradient runs the stacked inference path with every backend.
         recompute_activations (`bool`, *optional*, defaults to `False`):
             Activation memory against time in training. False: every adapted layer keeps its down-projection
             dropout(x) A^T for backward, N x (r_shared + r_task) elements for N tokens, as much as PEFT's LoRA of that
@@ -305,7 +306,8 @@ class SpaRTAConfig(PeftConfig):
             "help": "Adapter computation on this machine: 'eager' (per-branch reference), 'torch' (fused Function), "
             "'triton' (fused, CUDA, loud on failure); None picks the env var SPARTA_KERNEL_BACKEND, else triton on "
             "CUDA when installed (checked once against torch, falling back with a warning), else torch. A run-time "
-            "setting: saved as a record of the training run but ignored at load, so adapters run on any machine."
+            "setting: saved as a record of the training run but ignored at load, so adapters run on any machine. "
+            "Inference without gradients runs the stacked inference path with every backend."
         },
     )
     recompute_activations: bool = field(
