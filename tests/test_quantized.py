@@ -4,11 +4,14 @@ torchao int8. Skipped where the library cannot load."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers.utils import hub as transformers_hub
 
 import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig
@@ -228,3 +231,38 @@ def test_trainer_with_gradient_checkpointing_on_a_4bit_base(saved_llama, tmp_pat
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+
+def test_push_to_hub_from_a_4bit_base_reloads_onto_a_fresh_one(saved_llama, tmp_path, monkeypatch):
+    """push_to_hub uploads the adapter alone (no quantized base weights), and the uploaded files load onto a fresh
+    4-bit base to the same routed logits."""
+    model = get_peft_model(load_quantized(saved_llama, "4bit"), SpaRTAConfig(target_modules=TARGETS, task_names=["a"]))
+    train(model, TASK_A, steps=2)
+    model.add_task("b")
+    train(model, TASK_B, steps=2)
+    routed = logits(model, torch.cat([TASK_A, TASK_B]))
+    uploaded = tmp_path / "hub"
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            uploaded.mkdir()
+            for operation in operations:
+                (uploaded / operation.path_in_repo).write_bytes(Path(operation.path_or_fileobj).read_bytes())
+            return "commit"
+
+    def offline_card(repo_id, tags=None, token=None, ignore_metadata_errors=False):
+        return ModelCard.from_template(ModelCardData(tags=tags or []))
+
+    monkeypatch.setattr(transformers_hub, "hf_api", lambda: FakeApi())
+    monkeypatch.setattr(transformers_hub, "create_and_tag_model_card", offline_card)
+    model.push_to_hub("user/sparta-4bit")
+    assert {path.name for path in uploaded.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+    }
+    reloaded = PeftModel.from_pretrained(load_quantized(saved_llama, "4bit"), uploaded).eval()
+    torch.testing.assert_close(logits(reloaded, torch.cat([TASK_A, TASK_B])), routed, rtol=0, atol=1e-5)
