@@ -69,7 +69,8 @@ def test_saved_value_is_written_and_ignored_by_every_loader(folders, input_ids):
 
 def test_run_time_setting_is_honoured_and_validated(folders, input_ids, monkeypatch):
     default_folder, _ = folders
-    model = PeftModel.from_pretrained(tiny_llama(), default_folder)
+    model = PeftModel.from_pretrained(tiny_llama(), default_folder, is_trainable=True)
+    model.train()  # the backend runs the training path; inference takes the stacked path whatever the backend
     config = model.peft_config["default"]
     config.kernel_backend = "triton"
     with pytest.raises(ValueError, match="needs CUDA tensors"):
