@@ -14,7 +14,6 @@ settings of the run) and the table as markdown beside it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -24,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig
 
-from .common import interleaved_medians, machine, markdown_table, peak_memory_bytes, report
+from .common import add_train_step_arguments, interleaved_medians, machine, markdown_table, peak_memory_bytes, report
 
 
 SHAPES = {
@@ -139,17 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["smollm"])
     parser.add_argument("--tasks", nargs="+", type=int, default=[1, 4, 16])
-    parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--r-shared", type=int, default=8)
-    parser.add_argument("--r-task", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--output", type=Path, default=None, help="write the results here as JSON, and the table beside it as .md"
-    )
+    add_train_step_arguments(parser)
     args = parser.parse_args()
     results = run(args)
     report(args, "Training step of a whole model: LoRA vs SpaRTA", results, table(results, args))
