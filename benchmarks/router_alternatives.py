@@ -70,6 +70,8 @@ def settings_grid() -> dict[str, dict]:
         grid[f"spread {k:g}, top_k 1"] = {"router_abstain_spread": k, "top_k": 1}
     grid["discriminant"] = {"router_metric": "discriminant"}
     grid["discriminant, spread 6"] = {"router_metric": "discriminant", "router_abstain_spread": 6.0}
+    for k in (1, 2):
+        grid[f"discriminant, spread 6, top_k {k}"] = {**grid["discriminant, spread 6"], "top_k": k}
     return {name: {**BASELINE, **setting} for name, setting in grid.items()}
 
 

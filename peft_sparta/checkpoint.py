@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import COSINE_QUERY_SCATTER_FORMAT_VERSION, SpaRTAConfig
+from .config import COSINE_QUERY_SCATTER_FORMAT_VERSION, PER_TASK_QUERY_SCATTER_FORMAT_VERSION, SpaRTAConfig
 from .errors import SpaRTALoadError
 from .variants import task_branch_variant
 
@@ -46,6 +46,23 @@ def add_missing_query_spread(checkpoint: dict, expected: dict, config: SpaRTACon
         if ".sparta_router." in key and key.endswith((".query_scatter", ".query_count")) and key not in checkpoint
     }
     return {**checkpoint, **spread}
+
+
+def split_pooled_query_spread(checkpoint: dict, config: SpaRTAConfig) -> dict:
+    """Versions before 7 kept the prototype router's query spread pooled over the tasks (``query_scatter`` (d, d),
+    ``query_count`` ()); today each task keeps its own. A pooled spread loads as every task's, each task counting its
+    prototypes' queries: the pooled mean, and so the routing, is what it was. Only removing a task of such an adapter
+    differs from an adapter saved today: the spread stays as it was (the task's share cannot be told apart)."""
+    if config.format_version >= PER_TASK_QUERY_SCATTER_FORMAT_VERSION:
+        return checkpoint
+    split = dict(checkpoint)
+    for key, scatter in checkpoint.items():
+        stem, _, name = key.rpartition(".")
+        if name == "query_scatter" and scatter.dim() == 2:
+            counts = checkpoint[f"{stem}.counts" if stem else "counts"]
+            split[key] = scatter.expand(counts.shape[0], *scatter.shape).clone()
+            split[f"{stem}.query_count" if stem else "query_count"] = counts.sum(dim=-1)
+    return split
 
 
 def check_task_count(checkpoint: dict, config: SpaRTAConfig) -> None:

@@ -21,7 +21,7 @@ PEFT_TYPE = "SPARTA"
 
 #: Version of the saved adapter format; bumped whenever a saved adapter cannot be read by older code. The newest
 #: version, read and written by this code.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 #: The version per-task adapters (``task_branches="per_task"``) are written in, which releases before version 4 read.
 PER_TASK_FORMAT_VERSION = 3
@@ -37,6 +37,11 @@ QUERY_SCATTER_FORMAT_VERSION = 5
 #: query spread whatever the metric (version 5 kept it only for a router built with the discriminant metric, so its
 #: readers reject it under "cosine"); version 5 and older load without it (`checkpoint.add_missing_query_spread`).
 COSINE_QUERY_SCATTER_FORMAT_VERSION = 6
+
+#: The version of prototype-router adapters, whatever the metric: the query spread is kept per task (``query_scatter``
+#: (tasks, d, d), ``query_count`` (tasks,)), so that removing a task removes its share; older versions pooled it over
+#: the tasks and load as every task holding the pooled spread (`checkpoint.split_pooled_query_spread`).
+PER_TASK_QUERY_SCATTER_FORMAT_VERSION = 7
 
 #: Fields read at every forward, so that changing them on `peft_config` takes effect at once.
 RUN_TIME_FIELDS = frozenset(
@@ -417,8 +422,7 @@ class SpaRTAConfig(PeftConfig):
         adapter, see the ``*_FORMAT_VERSION`` constants), also for an adapter that was loaded from an older version."""
         version = SHARED_BRANCH_FORMAT_VERSION if self.task_branches == "shared" else PER_TASK_FORMAT_VERSION
         if self.router == "prototype":
-            cosine = self.router_metric == "cosine"
-            version = COSINE_QUERY_SCATTER_FORMAT_VERSION if cosine else QUERY_SCATTER_FORMAT_VERSION
+            version = PER_TASK_QUERY_SCATTER_FORMAT_VERSION
         return {
             **super().to_dict(),
             "format_version": version,

@@ -27,6 +27,7 @@ from .checkpoint import (
     check_task_count,
     current_key,
     drop_per_layer_router_copies,
+    split_pooled_query_spread,
 )
 from .config import SpaRTAConfig
 from .export import export_lora
@@ -519,6 +520,7 @@ class SpaRTAModel(BaseTuner):
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         remapped = drop_per_layer_router_copies(remapped, expected, config)
         remapped = add_missing_query_spread(remapped, expected, config)
+        remapped = split_pooled_query_spread(remapped, config)
         check_checkpoint(expected, remapped, config)
         return remapped
 

@@ -271,6 +271,57 @@ def test_remove_task_restores_trainability_as_if_the_task_had_never_been_added(r
     assert trainable == {name for name, param in fresh.named_parameters() if param.requires_grad}
 
 
+# ---- item 17: remove_task takes the task's share of the query spread away ------------------------------------------
+
+
+def router_state(model) -> dict[str, torch.Tensor]:
+    return {
+        name: value
+        for name, value in model.state_dict().items()
+        if ".sparta_router." in name and name.endswith(("prototypes", "counts", "query_scatter", "query_count"))
+    }
+
+
+def test_remove_task_leaves_the_router_state_of_a_model_that_never_had_the_task():
+    """The README's customer-removal example: after remove_task("b") the router (prototypes, counts and the query
+    spread the discriminant metric whitens by) is that of a model trained on "task_0" and "c" alone."""
+    removed = get_peft_model(tiny_llama(), config())
+    never = get_peft_model(tiny_llama(), config())
+    for model, tasks in ((removed, {"task_0": 3, "b": 33, "c": 63}), (never, {"task_0": 3, "c": 63})):
+        for index, (name, low) in enumerate(tasks.items()):
+            if index:
+                model.add_task(name)
+            model.train()
+            with torch.no_grad():
+                model(input_ids=prompts(low, seed=low))
+    removed.remove_task("b")
+    expected = router_state(never)
+    assert any(name.endswith("query_count") for name in expected)
+    for name, value in router_state(removed).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_an_adapter_saved_with_the_pooled_query_spread_loads_and_routes_the_same(tmp_path):
+    """Format 6 kept one (d, d) spread and one count for all tasks; it loads as every task holding the pooled spread,
+    which routes as it did."""
+    model = trained(get_peft_model(tiny_llama(), config(init_weights=False)), "task_0", "b")
+    expected = logits(model.eval(), prompts(3))
+    model.save_pretrained(tmp_path)
+
+    def pool(weights):
+        scatter_key, count_key = router_key(weights, "query_scatter"), router_key(weights, "query_count")
+        counts = weights[count_key].float()
+        weights[scatter_key] = (weights[scatter_key] * counts[:, None, None]).sum(0) / counts.sum()
+        weights[count_key] = weights[count_key].sum()
+
+    edit_weights(tmp_path, pool)
+    edit_config(tmp_path, lambda saved: saved.update(format_version=6))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(loaded, prompts(3)), expected)
+    owner = next(layer.sparta_router["default"] for layer in sparta_layers(loaded) if layer.sparta_router)
+    assert owner.query_scatter.shape[0] == 2 and owner.query_count.tolist() == owner.counts.sum(-1).tolist()
+
+
 def test_an_optimizer_built_before_remove_task_warns():
     model = get_peft_model(tiny_llama(), config())
     model.add_task("b")

@@ -29,7 +29,9 @@ def logits(model, ids) -> torch.Tensor:
 
 
 TASK_LISTS = ("sparta_A_task.default.", "sparta_B_task.default.", "sparta_router.default.keys.")
-ROUTER_ROWS = ("sparta_router.default.prototypes", "sparta_router.default.counts")
+ROUTER_ROWS = tuple(
+    f"sparta_router.default.{name}" for name in ("prototypes", "counts", "query_scatter", "query_count")
+)
 
 
 def without_task(model: PeftModel, index: int) -> dict[str, torch.Tensor]:

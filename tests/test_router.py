@@ -175,7 +175,9 @@ def test_whitened_prototypes_are_computed_again_when_the_prototypes_change():
     router = _trained_prototype_router("discriminant", queries[:2])
 
     def assert_current():
-        centre, factor = prototype.discriminant_transform(router.prototypes, router.counts, router.query_scatter)
+        centre, factor = prototype.discriminant_transform(
+            router.prototypes, router.counts, router.pooled_query_scatter()
+        )
         cached_centre, cached_factor, whitened = router.whitened_prototypes()
         torch.testing.assert_close(cached_factor, factor, rtol=0, atol=0)
         torch.testing.assert_close(whitened, prototype.whiten(router.prototypes, centre, factor), rtol=0, atol=0)
@@ -213,7 +215,7 @@ def test_discriminant_gates_are_the_softmax_of_the_scaled_whitened_cosine():
     queries = _instruction_like_queries(generator, tasks=3, per_task=40)
     router = _trained_prototype_router("discriminant", queries[:, :32])
     test = queries[:, 32:].reshape(-1, queries.shape[-1])
-    centre, factor = prototype.discriminant_transform(router.prototypes, router.counts, router.query_scatter)
+    centre, factor = prototype.discriminant_transform(router.prototypes, router.counts, router.pooled_query_scatter())
     whitened = F.normalize(prototype.whiten(test, centre, factor), dim=-1)
     prototypes = F.normalize(prototype.whiten(router.prototypes, centre, factor), dim=-1)
     cosine = torch.einsum("nd,tpd->ntp", whitened, prototypes).amax(dim=-1)
@@ -229,11 +231,45 @@ def test_query_scatter_is_the_running_mean_of_the_queries_spread_around_their_pr
     router.add_task()
     router.learn_queries(first)
     centred = first - first.mean(dim=0)
-    torch.testing.assert_close(router.query_scatter, centred.T @ centred / 20)
+    torch.testing.assert_close(router.query_scatter[0], centred.T @ centred / 20)
     router.learn_queries(second)
     residuals = second - router.prototypes[0, 0]
-    torch.testing.assert_close(router.query_scatter, (centred.T @ centred + residuals.T @ residuals) / 40)
-    assert router.query_count == 40
+    torch.testing.assert_close(router.query_scatter[0], (centred.T @ centred + residuals.T @ residuals) / 40)
+    assert router.query_count.tolist() == [40]
+
+
+def test_query_spread_is_kept_per_task_and_pooled_by_count():
+    generator = torch.Generator().manual_seed(4)
+    first, second = _instruction_like_queries(generator, tasks=2, per_task=20)
+    router = prototype.PrototypeRouter(SpaRTAConfig(target_modules=["q"], router_prototypes=1), "sequence", 48)
+    for queries in (first, second[:10]):
+        router.add_task()
+        router.learn_queries(queries)
+    assert router.query_scatter.shape == (2, 48, 48) and router.query_count.tolist() == [20, 10]
+    centred = [first - first.mean(dim=0), second[:10] - second[:10].mean(dim=0)]
+    pooled = sum(c.T @ c for c in centred) / 30
+    torch.testing.assert_close(router.pooled_query_scatter(), pooled)
+
+
+def test_removing_a_task_leaves_the_query_spread_of_a_router_that_never_had_it():
+    """remove_task is "as if the task had never been added": its share of the spread goes with it."""
+    generator = torch.Generator().manual_seed(5)
+    queries = _instruction_like_queries(generator, tasks=3, per_task=24)
+    config = SpaRTAConfig(target_modules=["q"], router_metric="discriminant")
+
+    def trained(tasks):
+        router = prototype.PrototypeRouter(config, "sequence", queries.shape[-1])
+        for task in tasks:
+            router.add_task()
+            router.learn_queries(queries[task])
+        return router
+
+    removed, never = trained([0, 1, 2]), trained([0, 2])
+    removed.remove_task(1)
+    for name, value in never.state_dict().items():
+        torch.testing.assert_close(removed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    test = queries.reshape(-1, queries.shape[-1])
+    torch.testing.assert_close(removed.gates(test, [None] * 2), never.gates(test, [None] * 2), rtol=0, atol=0)
 
 
 def test_query_spread_whitens_what_one_prototype_per_task_does_not_show():
@@ -258,11 +294,14 @@ def test_query_spread_whitens_what_one_prototype_per_task_does_not_show():
 
 
 def test_sequence_routing_keeps_a_query_scatter_whatever_the_metric():
-    """It is (d, d): one per adapter under sequence routing, kept under any metric (the metric can change at any
-    time), none for the per-layer token routers (with the discriminant metric they whiten by the prototypes alone)."""
+    """It is (tasks, d, d): one per adapter under sequence routing, kept under any metric (the metric can change at
+    any time), none for the per-layer token routers (with the discriminant metric they whiten by the prototypes
+    alone)."""
     for metric in ("auto", "cosine", "discriminant"):
         config = SpaRTAConfig(target_modules=["q"], router_metric=metric)
-        assert prototype.PrototypeRouter(config, "sequence", 8).query_scatter.shape == (8, 8)
+        router = prototype.PrototypeRouter(config, "sequence", 8)
+        router.add_task()
+        assert router.query_scatter.shape == (1, 8, 8)
         assert prototype.PrototypeRouter(config, "token", 8).query_scatter is None
         assert "query_scatter" not in prototype.PrototypeRouter(config, "token", 8).state_dict()
     assert "query_scatter" not in prototype.PrototypeRouter(config, "token", 8).state_dict()

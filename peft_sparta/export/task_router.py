@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint import current_key
+from ..checkpoint import current_key, split_pooled_query_spread
 from ..config import QUERY_SCATTER_FORMAT_VERSION, SpaRTAConfig
 from ..errors import SpaRTALoadError
 from ..routers import Router, RoutingContext, make_router, prompt_mask
@@ -144,6 +144,7 @@ def _load_router_state(router: Router, path: str, config: SpaRTAConfig) -> None:
             layer, name = current_key(key).split(ROUTER_KEY)
             if layer == owner:
                 state[name] = weights.get_tensor(key)
+    state = split_pooled_query_spread(state, config)
     expected = router.state_dict()
     missing = set(expected) - set(state)
     if config.format_version < QUERY_SCATTER_FORMAT_VERSION:

@@ -49,12 +49,13 @@ class PrototypeRouter(Router):
     State (persistent buffers, saved with the adapter): ``prototypes`` (tasks, P, d) and ``counts`` (tasks, P), the
     number of training queries each prototype averages (0: not seeded yet; under sequence routing each input counts
     once, however often it is seen, see `unseen_queries`); under sequence routing also
-    ``query_scatter`` (d, d), the mean of (q - p)(q - p)^T over every training query q and its prototype p, and
-    ``query_count`` (), the number of queries it averages: how prompts vary around their prototype (names, numbers,
-    topic words), which the prototypes alone do not show. ``router_metric="discriminant"`` whitens by it; it is kept
-    whatever the metric, which can change at any time (the adapter then saves and loads alike). It is pooled over tasks
-    and kept when a task is removed. Token routing, where every adapted layer has a router of its own input's size,
-    keeps none (a d x d matrix per layer would grow with the square of the widest layer's input).
+    ``query_scatter`` (tasks, d, d), per task the mean of (q - p)(q - p)^T over its training queries q and their
+    prototypes p, and ``query_count`` (tasks,), the number of queries each averages: how prompts vary around their
+    prototype (names, numbers, topic words), which the prototypes alone do not show. ``router_metric="discriminant"``
+    whitens by the tasks' pooled spread (`pooled_query_scatter`); it is kept whatever the metric, which can change at
+    any time (the adapter then saves and loads alike). It is kept per task so that `remove_task` takes the task's
+    share away, as if it had never been added. Token routing, where every adapted layer has a router of its own
+    input's size, keeps none (a d x d matrix per layer would grow with the square of the widest layer's input).
     """
 
     def __init__(self, config, granularity: str, source_dim: int) -> None:
@@ -62,8 +63,8 @@ class PrototypeRouter(Router):
         self.register_buffer("prototypes", torch.zeros(0, config.router_prototypes, self.query_dim))
         self.register_buffer("counts", torch.zeros(0, config.router_prototypes, dtype=torch.long))
         keeps_spread = granularity == "sequence"
-        self.register_buffer("query_scatter", torch.zeros(self.query_dim, self.query_dim) if keeps_spread else None)
-        self.register_buffer("query_count", torch.zeros((), dtype=torch.long) if keeps_spread else None)
+        self.register_buffer("query_scatter", torch.zeros(0, self.query_dim, self.query_dim) if keeps_spread else None)
+        self.register_buffer("query_count", torch.zeros(0, dtype=torch.long) if keeps_spread else None)
         self._discriminant = None
         self._seen: Optional[torch.Tensor] = None  # fingerprints of the current task's inputs (`unseen_queries`)
 
@@ -83,12 +84,21 @@ class PrototypeRouter(Router):
         """The centre and factor of `discriminant_transform` and the prototypes whitened by them, computed again only
         when the prototypes change (training, add_task, loading, device moves)."""
         key = tensor_states(
-            [self.prototypes, self.counts] + ([] if self.query_scatter is None else [self.query_scatter])
+            [self.prototypes, self.counts]
+            + ([] if self.query_scatter is None else [self.query_scatter, self.query_count])
         )
         if self._discriminant is None or not same_tensor_states(self._discriminant[0], key):
-            centre, factor = discriminant_transform(self.prototypes, self.counts, self.query_scatter)
+            centre, factor = discriminant_transform(self.prototypes, self.counts, self.pooled_query_scatter())
             self._discriminant = (key, (centre, factor, whiten(self.prototypes, centre, factor)))
         return self._discriminant[1]
+
+    def pooled_query_scatter(self) -> Optional[torch.Tensor]:
+        """The mean (d, d) of (q - p)(q - p)^T over every task's training queries (None under token routing)."""
+        if self.query_scatter is None:
+            return None
+        counts = self.query_count.float()
+        weighted = (self.query_scatter.float() * counts[:, None, None]).sum(dim=0)
+        return weighted / counts.sum().clamp(min=1.0)
 
     def score_floors(self, spread: float) -> torch.Tensor:
         """1 - spread * (1 - m_t) per task, m_t the mean cosine similarity of task t's queries to their prototypes.
@@ -119,11 +129,16 @@ class PrototypeRouter(Router):
         """Fold unit queries (N, d) of the current (last) task into its prototypes and into the query spread."""
         nearest = update_prototypes(self.prototypes[-1], self.counts[-1], queries)
         if self.query_scatter is not None:
-            update_query_scatter(self.query_scatter, self.query_count, queries, self.prototypes[-1][nearest])
+            update_query_scatter(self.query_scatter[-1], self.query_count[-1], queries, self.prototypes[-1][nearest])
 
     def add_task(self) -> None:
         self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, *self.prototypes.shape[1:])])
         self.counts = torch.cat([self.counts, self.counts.new_zeros(1, self.counts.shape[1])])
+        if self.query_scatter is not None:
+            self.query_scatter = torch.cat(
+                [self.query_scatter, self.query_scatter.new_zeros(1, *self.query_scatter.shape[1:])]
+            )
+            self.query_count = torch.cat([self.query_count, self.query_count.new_zeros(1)])
         self._seen = None
 
     def remove_task(self, index: int) -> None:
@@ -131,6 +146,8 @@ class PrototypeRouter(Router):
             self._seen = None
         keep = [task for task in range(self.prototypes.shape[0]) if task != index]
         self.prototypes, self.counts = self.prototypes[keep].clone(), self.counts[keep].clone()
+        if self.query_scatter is not None:
+            self.query_scatter, self.query_count = self.query_scatter[keep].clone(), self.query_count[keep].clone()
 
 
 def prototype_scores(queries: torch.Tensor, prototypes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
