@@ -48,6 +48,7 @@ MAX_TASK_ABSTAIN = 0.01
 BASELINE = {
     "router_temperature": 0.02,
     "top_k": None,
+    "router_min_gate": 0.0,
     "router_abstain_threshold": None,
     "router_abstain_spread": None,
     "router_metric": "cosine",
@@ -72,6 +73,11 @@ def settings_grid() -> dict[str, dict]:
     grid["discriminant, spread 6"] = {"router_metric": "discriminant", "router_abstain_spread": 6.0}
     for k in (1, 2):
         grid[f"discriminant, spread 6, top_k {k}"] = {**grid["discriminant, spread 6"], "top_k": k}
+    for gate in (0.01, 0.05):
+        grid[f"discriminant, spread 6, min gate {gate:g}"] = {
+            **grid["discriminant, spread 6"],
+            "router_min_gate": gate,
+        }
     return {name: {**BASELINE, **setting} for name, setting in grid.items()}
 
 

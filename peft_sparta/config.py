@@ -51,6 +51,7 @@ RUN_TIME_FIELDS = frozenset(
         "router_abstain_spread",
         "router_metric",
         "top_k",
+        "router_min_gate",
         "orth_lambda",
         "router_lambda",
         "router_orth_lambda",
@@ -64,6 +65,10 @@ RUN_TIME_FIELDS = frozenset(
 #: four offline suites (benchmarks/router_alternatives.py, never on scored data): of the k that keep 99% of every
 #: suite's calibration task prompts, the one that abstains most on their unrelated text (benchmarks/README.md).
 DEFAULT_ABSTAIN_SPREAD = 6.0
+
+#: Default ``router_min_gate``: branches under 1% of an input's router mass are not computed at inference, so that
+#: its cost follows the branches an input uses rather than the number of tasks (benchmarks/README.md).
+DEFAULT_MIN_GATE = 0.01
 
 #: The smallest ``router_temperature``: the router divides similarities (at most 4 apart) by it, which must stay far
 #: from float32's overflow (a temperature of 1e-45 turns them into inf and the gates into NaN). At this temperature
@@ -137,6 +142,10 @@ class SpaRTAConfig(PeftConfig):
             The README's benchmark section shows how the number of prototypes affects routing.
         top_k (`int`, *optional*):
             Compute only the k best task branches per input at inference; None mixes all tasks.
+        router_min_gate (`float`, *optional*, defaults to `DEFAULT_MIN_GATE`):
+            At inference, a task branch whose gate for an input is below this value is left out for that input and
+            the other gates are renormalised (an input's best branch is always kept), so that inference computes
+            the branches that matter, not every task's. 0 mixes every branch. In [0, 1).
         router_abstain_threshold (`float`, *optional*):
             At inference, an input whose best cosine similarity to every task (its prototypes, key or singular
             directions) is below this value goes to no task branch: only the base model and the shared branch act on
@@ -274,6 +283,10 @@ class SpaRTAConfig(PeftConfig):
     router_prototypes: int = field(default=16, metadata={"help": "Prototypes per task (online k-means centroids)."})
     top_k: Optional[int] = field(
         default=None, metadata={"help": "Compute only the k best task branches at inference; None mixes all."}
+    )
+    router_min_gate: float = field(
+        default=DEFAULT_MIN_GATE,
+        metadata={"help": "Gates below this are dropped at inference and the rest renormalised; 0 mixes all."},
     )
     router_abstain_threshold: Optional[float] = field(
         default=None,
@@ -469,6 +482,10 @@ class SpaRTAConfig(PeftConfig):
         _check_int("router_prototypes", self.router_prototypes, minimum=1)
         if self.top_k is not None:
             _check_int("top_k", self.top_k, minimum=1)
+        if not _is_finite_number(self.router_min_gate) or not 0 <= self.router_min_gate < 1:
+            raise ValueError(
+                f"router_min_gate must be a number in [0, 1) (0 mixes every task branch), got {self.router_min_gate!r}."
+            )
         if self.router_abstain_threshold is not None:
             _check_cosine("router_abstain_threshold", self.router_abstain_threshold)
         self._validate_abstain_spread()

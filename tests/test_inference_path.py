@@ -38,7 +38,8 @@ def train_steps(model, input_ids, steps=2, lr=5e-2):
 def trained_model(seed: int = 0, **kwargs):
     """Three tasks on disjoint token ranges, each trained (non-zero branches); inputs of none of them abstain."""
     kwargs = {"target_modules": TARGETS, "r_shared": 2, "r_task": 4, "router_prototypes": 2, **kwargs}
-    model = get_peft_model(tiny_llama(seed), SpaRTAConfig(task_names=["a"], router_abstain_spread=2.0, **kwargs))
+    kwargs.setdefault("router_abstain_spread", 2.0)
+    model = get_peft_model(tiny_llama(seed), SpaRTAConfig(task_names=["a"], **kwargs))
     for index, name in enumerate(PROMPT_RANGES):
         if index:
             model.add_task(name)
@@ -195,3 +196,34 @@ def test_stacked_product_equals_the_reference(ungated, gated):
     expected = gated_lowrank_reference(x, a_blocks, b_blocks, scales, all_gates)
     stacked = stack_blocks(a_blocks, b_blocks, scales, ungated=ungated)
     torch.testing.assert_close(gated_lowrank_stacked(x, stacked, gates), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_model_generates_the_tokens_of_the_eager_one():
+    """torch.compile of the base model in eval mode (the routing hook and the branch choice break the graph; the rest
+    compiles) generates exactly what the eager model generates, on a mixed, padded, abstaining batch."""
+    torch._dynamo.reset()
+    model = trained_model()
+    input_ids, mask = mixed_batch()
+    eager = generate(model, input_ids, mask, tokens=4)
+    model.get_base_model().compile()
+    try:
+        assert torch.equal(generate(model, input_ids, mask, tokens=4), eager)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_min_gate_computes_only_the_branches_that_matter_and_applies_at_once():
+    """With the default min gate a confidently routed input computes its own branch alone; router_min_gate=0 mixes
+    every task's branch, and the change applies from the next forward."""
+    model = trained_model(router_abstain_spread=None)
+    tasks = []
+    original = SpaRTALayer.inference_blocks
+    record = lambda self, name, chosen, *rest: tasks.append(chosen) or original(self, name, chosen, *rest)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SpaRTALayer, "inference_blocks", record)
+        logits(model, draw("b", 1, 11))
+        assert set(tasks) == {(1,)}
+        tasks.clear()
+        model.peft_config["default"].router_min_gate = 0.0
+        logits(model, draw("b", 1, 11))
+        assert set(tasks) == {(0, 1, 2)}

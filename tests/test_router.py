@@ -40,6 +40,20 @@ def test_top_k_gates_keep_k_tasks_and_sum_to_one():
     assert torch.allclose(base.gates_from_scores(scores, 0.1, None).sum(-1), torch.ones(1))
 
 
+def test_min_gate_drops_negligible_branches_renormalises_and_keeps_the_best():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.5, 0.5, 0.5, 0.5]])
+    plain = base.gates_from_scores(scores, temperature=0.2, top_k=None)
+    gates = base.gates_from_scores(scores, 0.2, None, min_gate=0.05)
+    kept = plain[0] >= 0.05
+    assert kept.tolist() == [False, True, True, False]
+    torch.testing.assert_close(gates[0], plain[0] * kept / plain[0][kept].sum())
+    torch.testing.assert_close(gates[1], plain[1]), "equal gates above the cut all stay"
+    single = base.gates_from_scores(torch.linspace(0, 1, 40).unsqueeze(0), 10.0, None, min_gate=0.5)
+    assert single.gt(0).sum() == 1 and single[0, -1] == 1, "an input whose gates are all under the cut keeps its best"
+    floors = torch.tensor([2.0, 2.0, 2.0, 2.0])
+    assert base.gates_from_scores(scores, 0.2, None, floors=floors, min_gate=0.05).eq(0).all(), "abstaining stays"
+
+
 def test_spectral_directions_are_the_right_singular_vectors_of_the_product():
     torch.manual_seed(1)
     a, b = torch.randn(4, 10), torch.randn(7, 4)
@@ -220,6 +234,7 @@ def test_discriminant_gates_are_the_softmax_of_the_scaled_whitened_cosine():
     prototypes = F.normalize(prototype.whiten(router.prototypes, centre, factor), dim=-1)
     cosine = torch.einsum("nd,tpd->ntp", whitened, prototypes).amax(dim=-1)
     expected = torch.softmax(prototype.DISCRIMINANT_SCORE_SCALE * cosine / router.config.router_temperature, dim=-1)
+    router.config.router_min_gate = 0.0
     torch.testing.assert_close(router.gates(test, [None] * 3), expected)
 
 

@@ -138,6 +138,7 @@ class Router(nn.Module):
             config.router_abstain_threshold,
             floors,
             owner.choice_scores(queries, scores),
+            config.router_min_gate,
         )
 
     def choice_scores(self, queries: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -223,7 +224,7 @@ class Router(nn.Module):
     def _decision_key(self, tasks: int) -> tuple:
         """What a sequence-routing decision depends on besides the input: the router state and the settings."""
         config = self.config
-        return (id(self.state_owner), tasks, config.router_temperature, config.top_k,
+        return (id(self.state_owner), tasks, config.router_temperature, config.top_k, config.router_min_gate,
                 config.router_abstain_threshold, self.abstain_spread, self.metric)  # fmt: skip
 
     @property
@@ -244,9 +245,11 @@ def gates_from_scores(
     abstain_threshold: Optional[float] = None,
     floors: Optional[torch.Tensor] = None,
     choice_scores: Optional[torch.Tensor] = None,
+    min_gate: float = 0.0,
 ) -> torch.Tensor:
     """Softmax over tasks of ``choice_scores`` (default: ``scores``) / temperature; with top_k, zero outside the k
-    best tasks and renormalise. Zero gates (no task branch for that input) for every query whose best score is below
+    best tasks and renormalise; gates below ``min_gate`` (except each input's best) zeroed and the rest renormalised.
+    Zero gates (no task branch for that input) for every query whose best score is below
     ``abstain_threshold``, and for every query that reaches no task's floor (``floors``: (tasks,) lowest score that
     routes to each task)."""
     routed = torch.ones_like(scores[..., :1], dtype=torch.bool)
@@ -258,7 +261,12 @@ def gates_from_scores(
     if top_k is not None and top_k < choice.shape[-1]:
         kth_best = choice.topk(top_k, dim=-1).values[..., -1:]
         choice = choice.masked_fill(choice < kth_best, float("-inf"))
-    return torch.softmax(choice / temperature, dim=-1) * routed
+    gates = torch.softmax(choice / temperature, dim=-1)
+    if min_gate > 0:
+        kept = (gates >= min_gate) | (gates == gates.amax(dim=-1, keepdim=True))
+        gates = gates * kept
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return gates * routed
 
 
 def select_branches(gates: torch.Tensor) -> Routing:
