@@ -1,7 +1,8 @@
 """Mean and spread of continual-benchmark results over runs that differ in one thing (seeds, task orders).
 
 Reads results files written by `continual.py` and, for every method present in all of them, reports AA, BWT,
-learning accuracy and routing accuracy as mean, standard deviation and range over the files. ``--out`` writes the
+learning accuracy, routing accuracy, drift and each held-out task's gain over the base model as mean, standard
+deviation and range over the files. ``--out`` writes the
 figures as JSON (with each input file's runs) and the table as markdown beside it.
 
     python -m benchmarks.spread benchmarks/results/continual-minilm.json \
@@ -26,7 +27,11 @@ METRICS = {
     "learning_accuracy": "learning acc",
     "forced_learning_accuracy": "forced learning acc",
     "routing_accuracy": "routing acc",
+    "drift": "drift",
 }
+
+#: Prefix of the per-held-out-task metrics, taken from each row's ``unseen_gain``.
+HELD_OUT_GAIN = "held-out gain: "
 
 
 def spread(values: list[float]) -> dict:
@@ -45,13 +50,18 @@ def summarize(files: list[dict]) -> dict:
     common = set.intersection(*(set(results["methods"]) for results in files))
     summary = {}
     for method in sorted(common, key=list(files[0]["methods"]).index):
-        rows = [results["methods"][method] for results in files]
+        rows = [{**results["methods"][method], **held_out_gains(results["methods"][method])} for results in files]
         summary[method] = {
             metric: spread([row[metric] for row in rows])
-            for metric in METRICS
+            for metric in [*METRICS, *held_out_gains(rows[0])]
             if all(row.get(metric) is not None for row in rows)
         }
     return summary
+
+
+def held_out_gains(row: dict) -> dict[str, float]:
+    """A row's gain over the base model on each held-out task, as metrics named `HELD_OUT_GAIN` + task."""
+    return {HELD_OUT_GAIN + task: gain for task, gain in (row.get("unseen_gain") or {}).items()}
 
 
 def distinct_runs(results: dict) -> list[dict]:
@@ -66,8 +76,9 @@ def table(summary: dict, count: int) -> str:
             return "—"
         return f"{stats['mean']:.3f} ± {stats['std']:.3f} ({stats['min']:.3f} to {stats['max']:.3f})"
 
-    header = ["method", *(f"{label} (mean ± std, range)" for label in METRICS.values())]
-    rows = [[method, *(cell(metrics.get(metric)) for metric in METRICS)] for method, metrics in summary.items()]
+    names = {**METRICS, **{m: m for metrics in summary.values() for m in metrics if m.startswith(HELD_OUT_GAIN)}}
+    header = ["method", *(f"{label} (mean ± std, range)" for label in names.values())]
+    rows = [[method, *(cell(metrics.get(metric)) for metric in names)] for method, metrics in summary.items()]
     return f"Over {count} runs.\n\n" + markdown_table(header, rows)
 
 

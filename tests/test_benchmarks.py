@@ -83,11 +83,29 @@ def test_spread_over_runs_known_answers_and_output(tmp_path):
     runs = [
         {
             "methods": {
-                "a": {"AA": 0.5, "BWT": -0.1, "routing_accuracy": None, "run": {"commit": "x"}},
+                "a": {
+                    "AA": 0.5,
+                    "BWT": -0.1,
+                    "routing_accuracy": None,
+                    "run": {"commit": "x"},
+                    "drift": 0.1,
+                    "unseen_gain": {"new": 0.25},
+                },  # fmt: skip
                 "b": {"AA": 1.0},
             }
         },
-        {"methods": {"a": {"AA": 0.7, "BWT": -0.3, "routing_accuracy": 0.9, "run": {"commit": "y"}}}},
+        {
+            "methods": {
+                "a": {
+                    "AA": 0.7,
+                    "BWT": -0.3,
+                    "routing_accuracy": 0.9,
+                    "run": {"commit": "y"},
+                    "drift": 0.3,
+                    "unseen_gain": {"new": -0.25},
+                }
+            }
+        },  # fmt: skip
     ]
     paths = []
     for index, results in enumerate(runs):
@@ -101,6 +119,8 @@ def test_spread_over_runs_known_answers_and_output(tmp_path):
         aa["mean"] == pytest.approx(0.6) and aa["std"] == pytest.approx(0.1) and (aa["min"], aa["max"]) == (0.5, 0.7)
     )
     assert bwt["mean"] == pytest.approx(-0.2) and "routing_accuracy" not in saved["summary"]["a"]
+    assert saved["summary"]["a"]["drift"]["mean"] == pytest.approx(0.2)
+    assert saved["summary"]["a"]["held-out gain: new"]["values"] == [0.25, -0.25]
     assert saved["runs"][str(paths[1])] == [{"commit": "y"}]
     assert "0.600 ± 0.100 (0.500 to 0.700)" in (tmp_path / "spread.md").read_text()
 
