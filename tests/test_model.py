@@ -187,7 +187,7 @@ def test_router_picks_the_task_of_the_input_without_task_id(granularity, router)
     hook = layer.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
     for expected, batch in enumerate([task_a, task_b]):
         model(input_ids=batch)
-        chosen = layer.route("default", captured["x"]).gates.argmax(-1).flatten()
+        chosen = layer.router_gates("default", captured["x"]).argmax(-1).flatten()
         # one linear key per task separates single random tokens less cleanly than prototypes or sequence queries
         assert (chosen == expected).float().mean() >= (0.8 if (router, granularity) == ("learned", "token") else 0.9)
     hook.remove()
