@@ -42,10 +42,11 @@ def test_bench_task_scaling_sizes_known_answers_and_output(tmp_path, monkeypatch
     one, three = saved["results"]["1"], saved["results"]["3"]
     # (in + out) features per rank over the layer's projections, SmolLM2's shape: q, o; k, v; gate, up, down
     features = 2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536)
-    prototypes = 16 * (576 + 1)  # per task: 16 prototypes of the 576-wide sequence query, and their counts
+    # per task: 16 prototypes of the 576-wide sequence query and their counts, and its query spread and its count
+    router = 16 * (576 + 1) + 576 * 576 + 1
     assert one["trainable_params"] == (2 + 3) * features, "one task: the shared and the task branch train"
     assert three["trainable_params"] == 3 * features, "later tasks: the newest task branch alone"
-    assert three["stored_params"] - one["stored_params"] == 2 * (3 * features + prototypes)
+    assert three["stored_params"] - one["stored_params"] == 2 * (3 * features + router)
     assert three["file_bytes"] > one["file_bytes"] > 4 * one["stored_params"]
     assert all(value > 0 for value in (three["step_s"], three["step_penalty_s"], three["infer_s"]))
     assert one["router_s"] > 0 and three["router_s"] > 0
