@@ -64,7 +64,7 @@ RUN_TIME_FIELDS = frozenset(
 #: The per-task floor's k of ``router_abstain_spread="auto"``, chosen on the calibration splits of the benchmark's
 #: four offline suites (benchmarks/router_alternatives.py, never on scored data): of the k that keep 99% of every
 #: suite's calibration task prompts, the one that abstains most on their unrelated text (benchmarks/README.md).
-DEFAULT_ABSTAIN_SPREAD = 6.0
+DEFAULT_ABSTAIN_SPREAD = 4.0
 
 #: Default ``router_min_gate``: branches under 1% of an input's router mass are not computed at inference, so that
 #: its cost follows the branches an input uses rather than the number of tasks (benchmarks/README.md).
