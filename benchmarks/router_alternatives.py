@@ -78,6 +78,11 @@ def settings_grid() -> dict[str, dict]:
             **grid["discriminant, spread 6"],
             "router_min_gate": gate,
         }
+    grid["discriminant, spread 4, min gate 0.01"] = {
+        **grid["discriminant, spread 6"],
+        "router_abstain_spread": 4.0,
+        "router_min_gate": 0.01,
+    }
     return {name: {**BASELINE, **setting} for name, setting in grid.items()}
 
 
