@@ -224,3 +224,20 @@ def test_benchmark_runs_the_realtext_suite_on_a_tiny_model(tmp_path, monkeypatch
     assert calibration["latest_run"]["settings"]["test_sizes"] == [20, 16], "the calibration splits were scored"
     report = (tmp_path / "calibration.md").read_text()
     assert "## Base model (no training)" in report and "## Held-out tasks" not in report
+
+
+def test_format_tasks_answer_from_the_input_and_differ_in_one_word():
+    """tz_city and tz_area, built only when named: the answer is a part of the zone identifier in the prompt."""
+    city, area = suites.realtext_suite(seed=3, tasks=list(suites.REALTEXT_FORMAT_TASKS), **SIZES)
+    for task, part in (
+        (city, lambda zone: zone.rsplit("/", 1)[1].replace("_", " ")),
+        (area, lambda z: z.split("/")[0]),
+    ):
+        assert task.metadata["kind"] == "generation" and len(task.test) == 6
+        for example in task.train + task.calibration + task.test:
+            zone = re.search(r'"(.+)"', example.text).group(1)
+            assert example.target == part(zone) and example.target, (task.name, example)
+    assert area.metadata["one_word_from"] == "tz_city"
+    one, other = city.test[0].text.split(), city.test[0].text.replace("city", "area").split()
+    assert sum(a != b for a, b in zip(one, other)) == 1
+    assert {example.target for example in area.train} <= {"Africa", "America", "Asia", "Europe", "Pacific"}

@@ -29,7 +29,14 @@ from __future__ import annotations
 from .classification import CLASSIFICATION_TASKS, classification_held_out, classification_suite
 from .generation import GENERATION_TASKS, generation_held_out, generation_suite
 from .long_sequence import LONG_SEQUENCE_ORDERS, LONG_SEQUENCE_TASKS, long_sequence_suite
-from .realtext import REALTEXT_HELD_OUT, REALTEXT_TASKS, realtext_held_out, realtext_suite, unrelated_texts
+from .realtext import (
+    REALTEXT_FORMAT_TASKS,
+    REALTEXT_HELD_OUT,
+    REALTEXT_TASKS,
+    realtext_held_out,
+    realtext_suite,
+    unrelated_texts,
+)
 from .standard_cl import STANDARD_CL_ORDERS, STANDARD_CL_TASKS, standard_cl_suite
 from .tasks import CALIBRATION_TEXTS, NEUTRAL_TEXTS, Example, Task
 from .translation import TRANSLATION_TASKS, translation_held_out, translation_suite
@@ -42,6 +49,7 @@ __all__ = [
     "LONG_SEQUENCE_ORDERS",
     "LONG_SEQUENCE_TASKS",
     "NEUTRAL_TEXTS",
+    "REALTEXT_FORMAT_TASKS",
     "REALTEXT_HELD_OUT",
     "REALTEXT_TASKS",
     "STANDARD_CL_ORDERS",

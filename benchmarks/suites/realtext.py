@@ -50,6 +50,12 @@ REALTEXT_TASKS = (
     "country_alpha3", "currency_code",
 )  # fmt: skip
 
+#: Generation tasks whose answer follows from the input (a part of a time-zone identifier), which `realtext_suite`
+#: builds when asked for them by name: the knowledge-bound generation tasks above (codes and letters the model must
+#: know) stay near zero even for multi-task LoRA, and these are candidates to replace them. Their prompts differ in
+#: one word.
+REALTEXT_FORMAT_TASKS = ("tz_city", "tz_area")
+
 #: The tasks of `realtext_held_out`, never trained.
 REALTEXT_HELD_OUT = ("subdivision_country_more", "char_script")
 
@@ -96,11 +102,24 @@ def _zone_tab() -> list[tuple[str, str]]:
 
 
 def _tz_cities() -> list[tuple[str, str]]:
-    return _unique(
-        (zone.rsplit("/", 1)[1].replace("_", " "), zone.split("/", 1)[0])
-        for _, zone in _zone_tab()
-        if zone.split("/", 1)[0] in _REGIONS
-    )
+    return _unique((_zone_city(zone), _zone_area(zone)) for _, zone in _zone_tab() if _zone_area(zone) in _REGIONS)
+
+
+def _zone_parts(part: Callable[[str], str]) -> Callable[[], list[tuple[str, str]]]:
+    """(zone identifier, ``part`` of it) for the zones of `_REGIONS`."""
+
+    def pool() -> list[tuple[str, str]]:
+        return _unique((zone, part(zone)) for _, zone in _zone_tab() if zone.split("/", 1)[0] in _REGIONS)
+
+    return pool
+
+
+def _zone_city(zone: str) -> str:
+    return zone.rsplit("/", 1)[1].replace("_", " ")
+
+
+def _zone_area(zone: str) -> str:
+    return zone.split("/", 1)[0]
 
 
 def _country_name(country) -> str:
@@ -215,6 +234,10 @@ _SOURCES = {
         metadata=(("one_word_from", "country_alpha2"),),
     ),
     "currency_code": _Source('What is the ISO 4217 code of the currency "{item}"?', _currencies),
+    "tz_city": _Source('Write the city of the time zone "{item}".', _zone_parts(_zone_city)),
+    "tz_area": _Source(
+        'Write the area of the time zone "{item}".', _zone_parts(_zone_area), metadata=(("one_word_from", "tz_city"),)
+    ),
     "subdivision_country_more": _Source(
         'Which country is the region "{item}" in? ' + _options(_HELD_OUT_SUBDIVISION_COUNTRIES.values()),
         _subdivisions(_HELD_OUT_SUBDIVISION_COUNTRIES), tuple(_HELD_OUT_SUBDIVISION_COUNTRIES.values()),
@@ -292,9 +315,10 @@ def realtext_suite(
     parts. Deterministic in ``seed``; a task depends on ``seed`` and its name alone, so it is the same in any order.
     """
     names = list(tasks) if tasks is not None else list(REALTEXT_TASKS)
-    unknown = [name for name in names if name not in REALTEXT_TASKS]
+    available = REALTEXT_TASKS + REALTEXT_FORMAT_TASKS
+    unknown = [name for name in names if name not in available]
     if unknown:
-        raise ValueError(f"unknown real-text tasks {unknown}; available: {list(REALTEXT_TASKS)}.")
+        raise ValueError(f"unknown real-text tasks {unknown}; available: {list(available)}.")
     per_label = (train_per_label, calibration_per_label, test_per_label)
     sizes = (train_size, calibration_size, test_size)
     return [_build(name, seed, per_label, sizes) for name in names]
