@@ -57,11 +57,11 @@ def split_pooled_query_spread(checkpoint: dict, config: SpaRTAConfig) -> dict:
         return checkpoint
     split = dict(checkpoint)
     for key, scatter in checkpoint.items():
-        stem, _, name = key.rpartition(".")
-        if name == "query_scatter" and scatter.dim() == 2:
-            counts = checkpoint[f"{stem}.counts" if stem else "counts"]
+        if key.rpartition(".")[2] == "query_scatter" and scatter.dim() == 2:
+            prefix = key[: -len("query_scatter")]
+            counts = checkpoint[prefix + "counts"]
             split[key] = scatter.expand(counts.shape[0], *scatter.shape).clone()
-            split[f"{stem}.query_count" if stem else "query_count"] = counts.sum(dim=-1)
+            split[prefix + "query_count"] = counts.sum(dim=-1)
     return split
 
 

@@ -308,7 +308,8 @@ def realtext_suite(
     test_size: int = 32,
     tasks: list[str] | None = None,
 ) -> list[Task]:
-    """The real-text tasks (``tasks``: names of `REALTEXT_TASKS`, a subset or another order; all by default).
+    """The real-text tasks (``tasks``: names of `REALTEXT_TASKS` or `REALTEXT_FORMAT_TASKS`, in any order; all of
+    `REALTEXT_TASKS` by default).
 
     A classification task has ``train_per_label`` + ``calibration_per_label`` + ``test_per_label`` examples per
     label, a generation task ``train_size`` + ``calibration_size`` + ``test_size`` examples; no input is in two

@@ -249,9 +249,8 @@ def gates_from_scores(
 ) -> torch.Tensor:
     """Softmax over tasks of ``choice_scores`` (default: ``scores``) / temperature; with top_k, zero outside the k
     best tasks and renormalise; gates below ``min_gate`` (except each input's best) zeroed and the rest renormalised.
-    Zero gates (no task branch for that input) for every query whose best score is below
-    ``abstain_threshold``, and for every query that reaches no task's floor (``floors``: (tasks,) lowest score that
-    routes to each task)."""
+    Zero gates (no task branch for that input) for every query whose best score is below ``abstain_threshold``, and
+    for every query that reaches no task's floor (``floors``: (tasks,) lowest score that routes to each task)."""
     routed = torch.ones_like(scores[..., :1], dtype=torch.bool)
     if abstain_threshold is not None:
         routed &= scores.amax(dim=-1, keepdim=True) >= abstain_threshold
