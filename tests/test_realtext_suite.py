@@ -49,7 +49,7 @@ def test_splits_are_deterministic_per_seed_and_disjoint(realtext, held_out):
         assert len(test) == len(task.test), f"{task.name}: an input twice in one split"
         assert not train & calibration and not train & test and not calibration & test, task.name
     # a task depends on the seed and its name alone, not on the order or the other tasks
-    alone = suites.realtext_suite(seed=3, tasks=["currency_code", "tz_region"], **SIZES)
+    alone = suites.realtext_suite(seed=3, tasks=["country_short_name", "tz_region"], **SIZES)
     assert alone == [realtext[suites.REALTEXT_TASKS.index(task.name)] for task in alone]
 
 
@@ -82,25 +82,37 @@ def test_answers_are_the_sources_answers(realtext):
 
     tasks = {task.name: task for task in realtext}
     quoted = re.compile(r'"(.+)"')
-    for example in tasks["country_alpha3"].test:
-        country = next(c for c in pycountry.countries if example.text.count(f'"{getattr(c, "common_name", c.name)}"'))
-        assert example.target == country.alpha_3
-    for example in tasks["currency_code"].test:
-        assert pycountry.currencies.get(alpha_3=example.target).name == quoted.search(example.text)[1]
-    for example in tasks["char_symbol"].test:
-        assert suites.realtext.unicodedata.ucd_3_2_0.name(example.target) == quoted.search(example.text)[1]
+    for task, answer in (
+        ("tz_city", lambda zone: zone.rsplit("/", 1)[1].replace("_", " ")),
+        ("tz_area", lambda zone: zone.split("/")[0]),
+        ("char_base_letter", base_letter),
+        ("country_short_name", lambda official: short_name(pycountry.countries.get(official_name=official))),
+    ):
+        for example in tasks[task].train + tasks[task].calibration + tasks[task].test:
+            assert example.target == answer(quoted.search(example.text)[1]), (task, example)
+    assert {example.target for example in tasks["tz_area"].train} <= {"Africa", "America", "Asia", "Europe", "Pacific"}
+
+
+def base_letter(name: str) -> str:
+    """The base letter of an accented Latin letter, read from its name."""
+    case, letter = re.fullmatch(r"LATIN (CAPITAL|SMALL) LETTER ([A-Z]) WITH .+", name).groups()
+    return letter.lower() if case == "SMALL" else letter
+
+
+def short_name(country) -> str:
+    return getattr(country, "common_name", None) or country.name
 
 
 def test_one_word_pair_and_held_out_tasks(realtext, held_out):
     tasks = {task.name: task for task in realtext}
-    two, three = tasks["country_alpha2"], tasks["country_alpha3"]
-    assert three.metadata["one_word_from"] == "country_alpha2"
-    for example in three.test:
-        # country_alpha2's prompt for the same country: the two prompts differ in one word
-        as_two = re.sub(r'"[^"]+"', lambda _: re.search(r'"[^"]+"', example.text)[0], two.test[0].text)
-        words, other = example.text.split(), as_two.split()
+    city, area = tasks["tz_city"], tasks["tz_area"]
+    assert area.metadata["one_word_from"] == "tz_city"
+    for example in area.test:
+        # tz_city's prompt for the same zone: the two prompts differ in one word
+        as_city = re.sub(r'"[^"]+"', lambda _: re.search(r'"[^"]+"', example.text)[0], city.test[0].text)
+        words, other = example.text.split(), as_city.split()
         assert len(words) == len(other)
-        assert [(a, b) for a, b in zip(other, words) if a != b] == [("two-letter", "three-letter")]
+        assert [(a, b) for a, b in zip(other, words) if a != b] == [("city", "area")]
 
     assert [task.name for task in held_out] == list(suites.REALTEXT_HELD_OUT)
     more, script = held_out
@@ -198,7 +210,7 @@ def test_benchmark_runs_the_realtext_suite_on_a_tiny_model(tmp_path, monkeypatch
     monkeypatch.setattr(bench.offline, "load_smollm2", lambda: (tiny_causal_lm(tokenizer), tokenizer))
     stem = tmp_path / "continual-realtext"
     argv = [
-        "--suite", "realtext", "--methods", "sparta", "--tasks", "tz_region", "country_alpha2", "--steps", "2",
+        "--suite", "realtext", "--methods", "sparta", "--tasks", "tz_region", "tz_city", "--steps", "2",
         "--batch-size", "4", "--train-per-label", "2", "--test-per-label", "1", "--train-size", "4",
         "--test-size", "3", "--threads", "1", "--out", str(stem), "--no-progress", "--no-plots",
     ]  # fmt: skip
@@ -210,7 +222,7 @@ def test_benchmark_runs_the_realtext_suite_on_a_tiny_model(tmp_path, monkeypatch
     finally:
         torch.set_num_threads(threads)
     saved = json.loads(stem.with_suffix(".json").read_text())
-    assert saved["tasks"] == ["tz_region", "country_alpha2"]
+    assert saved["tasks"] == ["tz_region", "tz_city"]
     assert [entry["name"] for entry in saved["held_out"]] == list(suites.REALTEXT_HELD_OUT)
     row = saved["methods"]["sparta"]
     assert row["drift"] is not None and list(row["unseen_gain"]) == list(suites.REALTEXT_HELD_OUT)
@@ -220,24 +232,7 @@ def test_benchmark_runs_the_realtext_suite_on_a_tiny_model(tmp_path, monkeypatch
     assert results["methods"]["sparta"]["routing_accuracy"] is not None
     # --evaluate-on calibration --base-only: the untrained model on the calibration splits, nothing trained
     assert calibration["methods"] == {}
-    assert list(calibration["base_model"]["accuracy"]) == ["tz_region", "country_alpha2", *suites.REALTEXT_HELD_OUT]
+    assert list(calibration["base_model"]["accuracy"]) == ["tz_region", "tz_city", *suites.REALTEXT_HELD_OUT]
     assert calibration["latest_run"]["settings"]["test_sizes"] == [20, 16], "the calibration splits were scored"
     report = (tmp_path / "calibration.md").read_text()
     assert "## Base model (no training)" in report and "## Held-out tasks" not in report
-
-
-def test_format_tasks_answer_from_the_input_and_differ_in_one_word():
-    """tz_city and tz_area, built only when named: the answer is a part of the zone identifier in the prompt."""
-    city, area = suites.realtext_suite(seed=3, tasks=list(suites.REALTEXT_FORMAT_TASKS), **SIZES)
-    for task, part in (
-        (city, lambda zone: zone.rsplit("/", 1)[1].replace("_", " ")),
-        (area, lambda z: z.split("/")[0]),
-    ):
-        assert task.metadata["kind"] == "generation" and len(task.test) == 6
-        for example in task.train + task.calibration + task.test:
-            zone = re.search(r'"(.+)"', example.text).group(1)
-            assert example.target == part(zone) and example.target, (task.name, example)
-    assert area.metadata["one_word_from"] == "tz_city"
-    one, other = city.test[0].text.split(), city.test[0].text.replace("city", "area").split()
-    assert sum(a != b for a, b in zip(one, other)) == 1
-    assert {example.target for example in area.train} <= {"Africa", "America", "Asia", "Europe", "Pacific"}

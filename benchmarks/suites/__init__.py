@@ -16,7 +16,7 @@
 - `long_sequence_suite`: fifteen text-classification tasks (the six of `classification_suite` and nine more built
   the same way) in three fixed task orders, for continual learning over long sequences.
 - `realtext_suite`: eight tasks of real text that installed packages ship (tzdata's time zones, pycountry's ISO
-  3166 / 4217 / 3166-2 lists, the Unicode character names), classification and generation mixed, for causal LMs,
+  3166 / 3166-2 lists, the Unicode character names), classification and generation mixed, for causal LMs,
   with train / calibration / test parts; `realtext_held_out`: its two never-trained tasks; `unrelated_texts`: real
   text unrelated to them (the Apache License 2.0) for drift.
 - `standard_cl_suite`: the "Standard CL benchmark" (AG News, Amazon, Yelp, DBpedia, Yahoo Answers) as
@@ -30,7 +30,6 @@ from .classification import CLASSIFICATION_TASKS, classification_held_out, class
 from .generation import GENERATION_TASKS, generation_held_out, generation_suite
 from .long_sequence import LONG_SEQUENCE_ORDERS, LONG_SEQUENCE_TASKS, long_sequence_suite
 from .realtext import (
-    REALTEXT_FORMAT_TASKS,
     REALTEXT_HELD_OUT,
     REALTEXT_TASKS,
     realtext_held_out,
@@ -49,7 +48,6 @@ __all__ = [
     "LONG_SEQUENCE_ORDERS",
     "LONG_SEQUENCE_TASKS",
     "NEUTRAL_TEXTS",
-    "REALTEXT_FORMAT_TASKS",
     "REALTEXT_HELD_OUT",
     "REALTEXT_TASKS",
     "STANDARD_CL_ORDERS",

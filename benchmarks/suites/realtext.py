@@ -1,21 +1,24 @@
-"""A continual suite of real text: eight tasks over the time-zone database (``tzdata``), the ISO 3166 / 4217 / 3166-2
-lists of ``pycountry`` and the Unicode character database of Python's ``unicodedata``, for causal LMs.
+"""A continual suite of real text: eight tasks over the time-zone database (``tzdata``), the ISO 3166 / 3166-2 lists
+of ``pycountry`` and the Unicode character database of Python's ``unicodedata``, for causal LMs.
 
 The template suites are generated from word lists, so their tasks are easy to route and to learn; these tasks ask
-about real names that the installed packages ship (city and country names, character names, currency names,
-subdivision names in their own spelling). Classification tasks (``labels`` set) are meant to be scored over their
-own labels (``CausalLMHarness(score_labels=True)``), generation tasks by exact match of the greedy answer:
+about real names that the installed packages ship (city, zone and country names, character names, subdivision names
+in their own spelling). Classification tasks (``labels`` set) are meant to be scored over their own labels
+(``CausalLMHarness(score_labels=True)``), generation tasks by exact match of the greedy answer. A generation task's
+answer follows from its input (a part of it, rewritten), so what a task asks can be learnt from its training
+examples; classification tasks ask for knowledge about the item, which training can sharpen:
 
 - ``tz_region`` (classification): a city of the time-zone database -> the region of its zone (Africa, America, Asia,
   Europe, Pacific).
 - ``char_category`` (classification): a Unicode character name -> its general category (six of them, in words).
-- ``country_alpha2`` (generation): a country name -> its ISO 3166 two-letter code.
+- ``tz_city`` (generation): a time-zone identifier ("America/Argentina/San_Juan") -> its city ("San Juan").
 - ``subdivision_country`` (classification): an ISO 3166-2 subdivision name -> its country (six countries).
-- ``char_symbol`` (generation): the name of a Latin, Greek or Cyrillic letter -> the letter.
+- ``char_base_letter`` (generation): the name of an accented Latin letter ("LATIN SMALL LETTER E WITH ACUTE") -> its
+  base letter in its case ("e").
 - ``country_region`` (classification): a country -> the region of its time zones (tz_region's labels).
-- ``country_alpha3`` (generation): a country name -> its three-letter code: its prompt is country_alpha2's with one
-  word changed ("two" -> "three"), the hard case for routing.
-- ``currency_code`` (generation): an ISO 4217 currency name -> its code.
+- ``tz_area`` (generation): a time-zone identifier -> its area ("America"): its prompt is tz_city's with one word
+  changed ("city" -> "area"), the hard case for routing.
+- ``country_short_name`` (generation): a country's official name ("Kingdom of Bhutan") -> its short name ("Bhutan").
 
 `realtext_held_out` gives two tasks that are never trained: ``subdivision_country_more`` (subdivision_country's
 format, four other countries: new labels) and ``char_script`` (a letter itself -> its script: a format no trained task
@@ -44,17 +47,11 @@ from .tasks import Example, Task
 
 
 #: Task order of `realtext_suite` by default: classification and generation alternate, and the one-word pair
-#: (country_alpha2, country_alpha3) is four tasks apart.
+#: (tz_city, tz_area) is four tasks apart.
 REALTEXT_TASKS = (
-    "tz_region", "char_category", "country_alpha2", "subdivision_country", "char_symbol", "country_region",
-    "country_alpha3", "currency_code",
+    "tz_region", "char_category", "tz_city", "subdivision_country", "char_base_letter", "country_region", "tz_area",
+    "country_short_name",
 )  # fmt: skip
-
-#: Generation tasks whose answer follows from the input (a part of a time-zone identifier), which `realtext_suite`
-#: builds when asked for them by name: the knowledge-bound generation tasks above (codes and letters the model must
-#: know) stay near zero even for multi-task LoRA, and these are candidates to replace them. Their prompts differ in
-#: one word.
-REALTEXT_FORMAT_TASKS = ("tz_city", "tz_area")
 
 #: The tasks of `realtext_held_out`, never trained.
 REALTEXT_HELD_OUT = ("subdivision_country_more", "char_script")
@@ -67,7 +64,7 @@ _CATEGORIES = {
 _SUBDIVISION_COUNTRIES = {"FR": "France", "IT": "Italy", "ES": "Spain", "JP": "Japan", "TR": "Turkey", "VN": "Vietnam"}
 _HELD_OUT_SUBDIVISION_COUNTRIES = {"RU": "Russia", "TH": "Thailand", "CZ": "Czechia", "MA": "Morocco"}
 _SCRIPTS = ("Latin", "Greek", "Cyrillic", "Armenian", "Georgian", "Hebrew", "Arabic")
-_LETTER_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
+_ACCENTED_LATIN_LETTER = re.compile(r"LATIN (CAPITAL|SMALL) LETTER [A-Z] WITH .+")
 
 
 @dataclass(frozen=True)
@@ -140,21 +137,14 @@ def _country_regions() -> list[tuple[str, str]]:
     )
 
 
-def _country_codes(attribute: str) -> Callable[[], list[tuple[str, str]]]:
-    def pool() -> list[tuple[str, str]]:
-        import pycountry
-
-        return _unique((_country_name(country), getattr(country, attribute)) for country in pycountry.countries)
-
-    return pool
-
-
-def _currencies() -> list[tuple[str, str]]:
-    """Currencies of a country (codes X.. are funds, metals and test codes)."""
+def _country_short_names() -> list[tuple[str, str]]:
+    """A country's official name -> its short name, for the countries that have both."""
     import pycountry
 
     return _unique(
-        (currency.name, currency.alpha_3) for currency in pycountry.currencies if currency.alpha_3[0] != "X"
+        (country.official_name, _country_name(country))
+        for country in pycountry.countries
+        if getattr(country, "official_name", None)
     )
 
 
@@ -192,13 +182,16 @@ def _character_categories() -> list[tuple[str, str]]:
     return _unique((name, _CATEGORIES[category]) for _, name, category in _characters() if category in _CATEGORIES)
 
 
-def _letters() -> list[tuple[str, str]]:
-    """Latin, Greek and Cyrillic letter names -> the letter (one code point, not a compatibility form)."""
-    return _unique(
-        (name, chr(point))
-        for point, name, category in _characters()
-        if category in ("Lu", "Ll") and name.split(" ", 1)[0] in _LETTER_SCRIPTS and _is_canonical(chr(point))
-    )
+def _base_letters() -> list[tuple[str, str]]:
+    """The name of an accented Latin letter -> its base letter (the first of its canonical decomposition, so letters
+    such as "D WITH STROKE", which do not decompose, are left out)."""
+    database = unicodedata.ucd_3_2_0
+    pairs = []
+    for point, name, _ in _characters():
+        base = database.normalize("NFD", chr(point))[0]
+        if _ACCENTED_LATIN_LETTER.fullmatch(name) and base != chr(point):
+            pairs.append((name, base))
+    return _unique(pairs)
 
 
 def _letter_scripts() -> list[tuple[str, str]]:
@@ -220,24 +213,19 @@ _SOURCES = {
         'What kind of character is the Unicode character "{item}"? ' + _options(_CATEGORIES.values()),
         _character_categories, tuple(_CATEGORIES.values()),
     ),
-    "country_alpha2": _Source('What is the two-letter ISO 3166 code of "{item}"?', _country_codes("alpha_2")),
+    "tz_city": _Source('Write the city of the time zone "{item}".', _zone_parts(_zone_city)),
     "subdivision_country": _Source(
         'Which country is the region "{item}" in? ' + _options(_SUBDIVISION_COUNTRIES.values()),
         _subdivisions(_SUBDIVISION_COUNTRIES), tuple(_SUBDIVISION_COUNTRIES.values()),
     ),
-    "char_symbol": _Source('Write the Unicode character named "{item}".', _letters),
+    "char_base_letter": _Source('Write the base letter of the Unicode character named "{item}".', _base_letters),
     "country_region": _Source(
         'In which part of the world is the country "{item}"? ' + _options(_REGIONS), _country_regions, _REGIONS
     ),
-    "country_alpha3": _Source(
-        'What is the three-letter ISO 3166 code of "{item}"?', _country_codes("alpha_3"),
-        metadata=(("one_word_from", "country_alpha2"),),
-    ),
-    "currency_code": _Source('What is the ISO 4217 code of the currency "{item}"?', _currencies),
-    "tz_city": _Source('Write the city of the time zone "{item}".', _zone_parts(_zone_city)),
     "tz_area": _Source(
         'Write the area of the time zone "{item}".', _zone_parts(_zone_area), metadata=(("one_word_from", "tz_city"),)
     ),
+    "country_short_name": _Source('Write the short name of the country officially called "{item}".', _country_short_names),
     "subdivision_country_more": _Source(
         'Which country is the region "{item}" in? ' + _options(_HELD_OUT_SUBDIVISION_COUNTRIES.values()),
         _subdivisions(_HELD_OUT_SUBDIVISION_COUNTRIES), tuple(_HELD_OUT_SUBDIVISION_COUNTRIES.values()),
@@ -308,18 +296,16 @@ def realtext_suite(
     test_size: int = 32,
     tasks: list[str] | None = None,
 ) -> list[Task]:
-    """The real-text tasks (``tasks``: names of `REALTEXT_TASKS` or `REALTEXT_FORMAT_TASKS`, in any order; all of
-    `REALTEXT_TASKS` by default).
+    """The real-text tasks (``tasks``: names of `REALTEXT_TASKS`, in any order; all of them by default).
 
     A classification task has ``train_per_label`` + ``calibration_per_label`` + ``test_per_label`` examples per
     label, a generation task ``train_size`` + ``calibration_size`` + ``test_size`` examples; no input is in two
     parts. Deterministic in ``seed``; a task depends on ``seed`` and its name alone, so it is the same in any order.
     """
     names = list(tasks) if tasks is not None else list(REALTEXT_TASKS)
-    available = REALTEXT_TASKS + REALTEXT_FORMAT_TASKS
-    unknown = [name for name in names if name not in available]
+    unknown = [name for name in names if name not in REALTEXT_TASKS]
     if unknown:
-        raise ValueError(f"unknown real-text tasks {unknown}; available: {list(available)}.")
+        raise ValueError(f"unknown real-text tasks {unknown}; available: {list(REALTEXT_TASKS)}.")
     per_label = (train_per_label, calibration_per_label, test_per_label)
     sizes = (train_size, calibration_size, test_size)
     return [_build(name, seed, per_label, sizes) for name in names]
