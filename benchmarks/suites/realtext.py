@@ -225,7 +225,9 @@ _SOURCES = {
     "tz_area": _Source(
         'Write the area of the time zone "{item}".', _zone_parts(_zone_area), metadata=(("one_word_from", "tz_city"),)
     ),
-    "country_short_name": _Source('Write the short name of the country officially called "{item}".', _country_short_names),
+    "country_short_name": _Source(
+        'Write the short name of the country officially called "{item}".', _country_short_names
+    ),
     "subdivision_country_more": _Source(
         'Which country is the region "{item}" in? ' + _options(_HELD_OUT_SUBDIVISION_COUNTRIES.values()),
         _subdivisions(_HELD_OUT_SUBDIVISION_COUNTRIES), tuple(_HELD_OUT_SUBDIVISION_COUNTRIES.values()),
